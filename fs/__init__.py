@@ -1,0 +1,1 @@
+"""The FUSE file system, its data path, and the tidefs command line."""

@@ -1,0 +1,1 @@
+"""The metadata log: commands, their Avro encoding, and the log backends."""

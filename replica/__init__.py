@@ -1,0 +1,1 @@
+"""A region's replica: the deterministic fold into RocksDB, block stores and replication."""

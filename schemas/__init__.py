@@ -1,0 +1,1 @@
+"""Avro schemas of every tidefs command (data files, loaded by tidefs.journal.codec)."""
