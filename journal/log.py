@@ -1,0 +1,93 @@
+"""The log interface shared by every backend, and the URL that picks one.
+
+A log is one ordered sequence of opaque records per volume. Offsets grow
+strictly; a backend may leave gaps (Kafka control records), so readers never
+assume `next == previous + 1`. `append` returns only once the record is
+durable, which is what lets a FUSE call acknowledge a mutation (invariant 5).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+
+class JournalError(Exception):
+    """Base of every error raised by a log backend."""
+
+
+class JournalUnavailable(JournalError):
+    """The log could not be reached or written within the configured time."""
+
+
+class JournalConfigError(JournalError):
+    """A journal URL or option is malformed or names an unsupported backend."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record read from a log: its offset, the append time (ns) and the payload."""
+
+    offset: int
+    timestamp_ns: int
+    payload: bytes
+
+
+class Log(abc.ABC):
+    """One volume's ordered log. Implementations are safe to share between threads."""
+
+    volume: str
+
+    @abc.abstractmethod
+    def append(self, payload: bytes, timestamp_ns: int | None = None) -> int:
+        """Append one record and return its offset once it is durable.
+
+        Concurrent callers are batched into one durable write (group commit).
+        Raises JournalUnavailable after the backend's timeout, never hangs.
+        """
+
+    @abc.abstractmethod
+    def read(self, start: int, max_records: int = 1000, timeout: float = 0.0) -> list[Record]:
+        """Return up to `max_records` records with offset >= `start`, in order.
+
+        When none is available yet, wait up to `timeout` seconds for one to be
+        appended (by any process) and return an empty list if none was.
+        """
+
+    @abc.abstractmethod
+    def head(self) -> int:
+        """Return the offset the next appended record will get (0 for an empty log)."""
+
+    @abc.abstractmethod
+    def offset_for_time(self, timestamp_ns: int) -> int:
+        """Return the first offset whose append time is >= `timestamp_ns` (head() if none)."""
+
+    def start(self) -> int:
+        """Return the lowest offset still stored (0 unless the log was trimmed)."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files."""
+
+    def __enter__(self) -> Log:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_log(url: str, volume: str, **options: object) -> Log:
+    """Open the log of `volume` at a journal URL: `sqlite:///path` or `kafka://host:port[,..]`."""
+    scheme = urlsplit(url).scheme
+    if scheme == "sqlite":
+        from tidefs.journal.sqlite import SqliteLog
+
+        return SqliteLog.from_url(url, volume, **options)
+    if scheme == "kafka":
+        from tidefs.journal.kafka import KafkaLog
+
+        return KafkaLog.from_url(url, volume, **options)
+    raise JournalConfigError(
+        f"unsupported journal URL {url!r}: expected sqlite:///path/log.db or kafka://host:port"
+    )

@@ -1,0 +1,1 @@
+"""Kafka broker fixture (KRaft, started from the jars that scripts/fetch-kafka resolves)."""

@@ -1,0 +1,1 @@
+"""S3 endpoint fixture (moto server process on loopback)."""
