@@ -1,0 +1,259 @@
+"""A region's replica of a volume: follow the log, fold it, and submit commands.
+
+The replica owns one follower thread. It reads the log from the state's applied
+offset, decodes records and folds them in batches (one RocksDB write batch per
+batch, invariant 3), then wakes whoever waits for an offset. A writer in the
+same region calls `submit`: append the command, wait until this region's fold
+has applied that offset, and return the outcome stored under its request id.
+That is read-your-writes at the writer, and the reason no metadata server is
+needed: the log orders everything, the fold decides.
+
+A record that cannot be decoded (a schema from a newer tidefs, corrupt bytes)
+stops the fold at that offset without changing state; `submit` and `wait_*`
+then raise `FoldStopped` instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from tidefs.journal import codec
+from tidefs.journal.commands import Command, Envelope, Outcome, new_request_id
+from tidefs.journal.log import JournalUnavailable, Log, Record
+from tidefs.replica.state import ApplyResult, State
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[ApplyResult], None]
+
+
+class ReplicaError(Exception):
+    """Base of the errors a replica raises to its callers."""
+
+
+class FoldStopped(ReplicaError):
+    """The fold hit a record it cannot apply; the state stays at the offset before it."""
+
+
+class SubmitTimeout(ReplicaError):
+    """A command was appended (or may have been) but not applied here in time."""
+
+
+def decode_batch(records: Sequence[Record]) -> list[tuple[int, Envelope]]:
+    """Decode records in order; raise codec.CodecError naming the first bad offset."""
+    out: list[tuple[int, Envelope]] = []
+    for rec in records:
+        try:
+            out.append((rec.offset, codec.decode(rec.payload)))
+        except codec.CodecError as exc:
+            raise type(exc)(f"record at offset {rec.offset}: {exc}") from exc
+    return out
+
+
+def fold_range(
+    log_: Log,
+    state: State,
+    *,
+    to_offset: int | None = None,
+    batch: int = 1000,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Fold records after the state's applied offset up to `to_offset` (inclusive) or the head.
+
+    Returns the applied offset. `progress(applied, target)` is called after each batch.
+    """
+    head = log_.head()
+    target = head - 1 if to_offset is None else min(to_offset, head - 1)
+    applied = state.applied_offset()
+    while applied < target:
+        records = log_.read(applied + 1, max_records=batch, timeout=1.0)
+        records = [r for r in records if r.offset <= target]
+        if not records:
+            break
+        state.apply(decode_batch(records))
+        applied = state.applied_offset()
+        if progress is not None:
+            progress(applied, target)
+    return applied
+
+
+class Replica:
+    """Follows one volume's log into one region's state, and submits commands for that region."""
+
+    def __init__(
+        self,
+        log_: Log,
+        state: State,
+        region: str,
+        *,
+        batch: int = 1000,
+        poll_timeout: float = 0.2,
+    ) -> None:
+        self.log = log_
+        self.state = state
+        self.region = region
+        self.batch = batch
+        self.poll_timeout = poll_timeout
+        self._cond = threading.Condition()
+        self._listeners: list[Listener] = []
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self.error: BaseException | None = None
+        self.last_record_ns = 0
+        self.applied_at_ns = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> Replica:
+        """Start the follower thread (idempotent)."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name=f"tidefs-fold-{self.region}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the follower thread; the state keeps its applied offset."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def pause(self) -> None:
+        """Stop folding until `resume` (tests and chaos use this to create lag)."""
+        self._paused.set()
+
+    def resume(self) -> None:
+        """Fold again after `pause`."""
+        self._paused.clear()
+
+    def add_listener(self, fn: Listener) -> None:
+        """Call `fn(result)` on the follower thread after every applied batch."""
+        self._listeners.append(fn)
+
+    @property
+    def applied(self) -> int:
+        """The offset this region has applied (-1 before the first record)."""
+        return self.state.applied_offset()
+
+    # -- follower ----------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self._paused.is_set():
+                self._stop.wait(0.05)
+                continue
+            try:
+                self.step(self.poll_timeout)
+            except codec.CodecError as exc:
+                log.error("fold stopped: %s", exc)
+                self._fail(FoldStopped(str(exc)))
+                return
+            except JournalUnavailable as exc:
+                log.warning("journal unavailable, retrying: %s", exc)
+                self._stop.wait(0.5)
+            except Exception as exc:  # an unexpected bug must not hang the waiters
+                log.exception("fold failed")
+                self._fail(FoldStopped(f"fold failed: {exc!r}"))
+                return
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self.error = exc
+            self._cond.notify_all()
+
+    def step(self, timeout: float = 0.0) -> int:
+        """Fold one batch of available records; return how many were applied."""
+        start = self.state.applied_offset() + 1
+        records = self.log.read(start, max_records=self.batch, timeout=timeout)
+        if not records:
+            return 0
+        result = self.state.apply(decode_batch(records))
+        self.last_record_ns = records[-1].timestamp_ns
+        self.applied_at_ns = time.time_ns()
+        for fn in self._listeners:
+            try:
+                fn(result)
+            except Exception:
+                log.exception("apply listener failed")
+        with self._cond:
+            self._cond.notify_all()
+        return len(records)
+
+    # -- waiting -----------------------------------------------------------
+
+    def wait_applied(self, offset: int, timeout: float | None = None) -> bool:
+        """Wait until this region has applied `offset`; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self.state.applied_offset() < offset:
+                if self.error is not None:
+                    raise FoldStopped(str(self.error))
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if self._thread is None:
+                    # No follower: fold on the caller's thread.
+                    self._cond.release()
+                    try:
+                        self.step(min(remaining or 0.2, 0.2))
+                    finally:
+                        self._cond.acquire()
+                else:
+                    self._cond.wait(0.2 if remaining is None else min(remaining, 0.2))
+        return True
+
+    def barrier(self, timeout: float | None = None) -> int:
+        """Wait until everything appended before this call is applied here; return that offset."""
+        target = self.log.head() - 1
+        if not self.wait_applied(target, timeout):
+            raise SubmitTimeout(f"region {self.region} did not reach offset {target} in time")
+        return target
+
+    # -- writing -----------------------------------------------------------
+
+    def submit(
+        self,
+        command: Command,
+        *,
+        request_id: bytes | None = None,
+        timestamp_ns: int | None = None,
+        timeout: float = 60.0,
+    ) -> Outcome:
+        """Append `command`, wait for this region to fold it, and return its outcome.
+
+        An append that fails with JournalUnavailable may still have landed, so
+        it is retried with the same request id: the fold applies it once.
+        """
+        if self.error is not None:
+            raise FoldStopped(str(self.error))
+        env = Envelope(
+            command=command,
+            origin=self.region,
+            timestamp_ns=time.time_ns() if timestamp_ns is None else timestamp_ns,
+            request_id=request_id or new_request_id(),
+        )
+        payload = codec.encode(env)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                offset = self.log.append(payload, env.timestamp_ns)
+                break
+            except JournalUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+        if not self.wait_applied(offset, max(0.0, deadline - time.monotonic())):
+            raise SubmitTimeout(
+                f"command at offset {offset} not applied by region {self.region} in {timeout}s"
+            )
+        outcome = self.state.outcome(env.request_id)
+        if outcome is None:  # pragma: no cover - the fold records every outcome
+            raise ReplicaError(f"no outcome recorded for the command at offset {offset}")
+        return outcome
