@@ -1,0 +1,267 @@
+"""The `tidefs` command line.
+
+Every subcommand follows the same conventions: `--help`, exit code 0 on
+success, 1 on an operational error (one clear line on stderr), 2 on a usage
+error (argparse), and `--json` where a script would read the output. Errors
+from the layers below are caught once, here, and turned into that one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from tidefs import __version__
+from tidefs.journal.commands import Envelope
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CliError(Exception):
+    """An operational error to print as one line, with exit code 1."""
+
+
+# -- rendering -------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """Turn dataclasses, tuples and bytes into JSON-friendly values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    return value
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9).astimezone().isoformat(timespec="milliseconds")
+
+
+def record_dict(offset: int, log_ts_ns: int, env: Envelope) -> dict[str, Any]:
+    """The JSON shape of one decoded log record (`tidefs log --json`)."""
+    return {
+        "offset": offset,
+        "time": _iso(env.timestamp_ns),
+        "log_time": _iso(log_ts_ns),
+        "region": env.origin,
+        "request_id": env.request_id.hex(),
+        "command": type(env.command).__name__,
+        "fields": _plain(env.command),
+    }
+
+
+def parse_time(text: str) -> int:
+    """Parse an ISO 8601 time (naive means local time) into ns since the epoch."""
+    try:
+        dt = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise CliError(f"not an ISO 8601 time: {text!r}") from exc
+    if dt.tzinfo is None:
+        dt = dt.astimezone()
+    return int(dt.timestamp() * 1_000_000_000)
+
+
+def parse_size(text: str) -> int:
+    """Parse a size such as 512M, 10G or 1048576 into bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in units and t[-1:] else ""
+    try:
+        return int(float(t[: len(t) - len(unit)]) * units[unit])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from exc
+
+
+# -- subcommands -----------------------------------------------------------
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from tidefs.journal import codec
+    from tidefs.journal.log import open_log
+
+    with open_log(args.journal, args.volume) as lg:
+        offset = args.from_offset
+        remaining = args.limit
+        while remaining is None or remaining > 0:
+            batch = 1000 if remaining is None else min(remaining, 1000)
+            records = lg.read(offset, max_records=batch, timeout=0.0)
+            if not records:
+                break
+            for rec in records:
+                env = codec.decode(rec.payload)
+                row = record_dict(rec.offset, rec.timestamp_ns, env)
+                if args.json:
+                    print(json.dumps(row, sort_keys=True))
+                else:
+                    fields = " ".join(f"{k}={v!r}" for k, v in row["fields"].items())
+                    print(f"{rec.offset:>8} {row['time']} {env.origin:<10} {row['command']} {fields}")
+            offset = records[-1].offset + 1
+            if remaining is not None:
+                remaining -= len(records)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tidefs.fs.progress import Progress
+    from tidefs.journal.log import open_log
+    from tidefs.replica.replica import fold_range
+    from tidefs.replica.state import State
+
+    with open_log(args.journal, args.volume) as lg:
+        head = lg.head()
+        if args.to_time is not None:
+            target = lg.offset_for_time(parse_time(args.to_time)) - 1
+        elif args.to_offset is not None:
+            target = min(args.to_offset, head - 1)
+        else:
+            target = head - 1
+        state = State.open(args.state_dir)
+        try:
+            applied = state.applied_offset()
+            vol = state.volume()
+            if vol is not None and vol.name != args.volume:
+                raise CliError(
+                    f"{args.state_dir} holds volume {vol.name!r}, not {args.volume!r}"
+                )
+            if applied > target:
+                raise CliError(
+                    f"{args.state_dir} is already at offset {applied}, past the target {target}: "
+                    "replay into an empty directory to rewind"
+                )
+            bar = Progress(target - applied, "records") if not args.quiet else None
+
+            def progress(now: int, _target: int) -> None:
+                if bar is not None:
+                    bar.update(now - applied)
+
+            final = fold_range(lg, state, to_offset=target, progress=progress)
+            if bar is not None:
+                bar.finish()
+            result = {"offset": final, "digest": state.digest_hex(), "target": target}
+        finally:
+            state.close()
+    _emit(args, result, f"offset {result['offset']} digest {result['digest']}")
+    return 0
+
+
+def cmd_digest(args: argparse.Namespace) -> int:
+    from tidefs.replica.state import State
+
+    if not os.path.isdir(args.state_dir):
+        raise CliError(f"no state directory at {args.state_dir}")
+    state = State.open(args.state_dir, read_only=True)
+    try:
+        vol = state.volume()
+        result = {
+            "offset": state.applied_offset(),
+            "digest": state.digest_hex(),
+            "volume": vol.name if vol else None,
+        }
+    finally:
+        state.close()
+    _emit(args, result, f"offset {result['offset']} digest {result['digest']}")
+    return 0
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
+    print(json.dumps(result, sort_keys=True) if getattr(args, "json", False) else text)
+
+
+# -- parser ----------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser of every subcommand."""
+    p = argparse.ArgumentParser(
+        prog="tidefs",
+        description="tidefs: a multi-region POSIX file system for AI data.",
+    )
+    p.add_argument("--version", action="version", version=f"tidefs {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def journal_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument(
+            "--journal",
+            required=True,
+            metavar="URL",
+            help="the metadata log: sqlite:///path/log.db or kafka://host:port[,host:port]",
+        )
+
+    sp = sub.add_parser("log", help="print the decoded records of a volume's log")
+    sp.add_argument("volume")
+    journal_arg(sp)
+    sp.add_argument("--from", dest="from_offset", type=int, default=0, metavar="N")
+    sp.add_argument("--limit", type=int, default=None, metavar="K")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.set_defaults(func=cmd_log)
+
+    sp = sub.add_parser("replay", help="rebuild a state directory from the log")
+    sp.add_argument("volume")
+    journal_arg(sp)
+    sp.add_argument("--state-dir", required=True, metavar="DIR")
+    to = sp.add_mutually_exclusive_group()
+    to.add_argument("--to-offset", type=int, default=None, metavar="N")
+    to.add_argument("--to-time", default=None, metavar="ISO8601")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_replay)
+
+    sp = sub.add_parser("digest", help="print the applied offset and digest of a state directory")
+    sp.add_argument("--state-dir", required=True, metavar="DIR")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_digest)
+
+    return p
+
+
+def _error_types() -> tuple[type[BaseException], ...]:
+    """Every error the layers raise for bad input or unreachable services."""
+    from tidefs.journal.codec import CodecError
+    from tidefs.journal.log import JournalError
+
+    types: list[type[BaseException]] = [CliError, JournalError, CodecError, OSError]
+    try:
+        from tidefs.replica.state import StateError
+
+        types.append(StateError)
+    except ImportError:
+        pass
+    try:
+        from tidefs.replica.store import StoreError
+
+        types.append(StoreError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `tidefs` command line; return the exit code."""
+    import logging
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="tidefs: %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("tidefs: interrupted", file=sys.stderr)
+        return 130
+    except _error_types() as exc:
+        print(f"tidefs {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
