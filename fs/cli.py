@@ -115,10 +115,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from tidefs.replica.replica import fold_range
     from tidefs.replica.state import State
 
+    to_ns = parse_time(args.to_time) if args.to_time is not None else None
     with open_log(args.journal, args.volume) as lg:
         head = lg.head()
-        if args.to_time is not None:
-            target = lg.offset_for_time(parse_time(args.to_time)) - 1
+        if to_ns is not None:
+            target = lg.offset_for_time(to_ns) - 1
         elif args.to_offset is not None:
             target = min(args.to_offset, head - 1)
         else:

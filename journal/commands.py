@@ -2,7 +2,7 @@
 
 A command is what a writer asks for; the fold decides, against the state at the
 command's log position, whether it applies or is rejected with an errno. Each
-class here is one Avro record in `schemas/command.avsc` with the same name and
+class here is one Avro record in `schemas/envelope.avsc` with the same name and
 fields, and `Envelope` wraps one of them with the request id, the writing
 region and the writer's clock. Nothing in this module does I/O.
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 
 class JournalError(Exception):
-    """Base of every error raised by a log backend."""
+    """Base of every error raised by the journal layer: log backends and the codec."""
 
 
 class JournalUnavailable(JournalError):
