@@ -1,0 +1,428 @@
+"""Key layout and value encodings of a region's RocksDB state.
+
+Every key starts with a one-byte tag naming the kind of record, followed by
+big-endian fixed-width integers, so that RocksDB's bytewise order is the
+numeric order and every "all X of inode N" question is one prefix scan:
+
+    tag  key                                         value
+    \\0   \\0 + name                                    meta: applied offset, digest, format
+    V    V                                           the volume record
+    I    I + ino                                     inode attributes (Attr)
+    S    S + ino                                     symlink target
+    P    P + ino                                     parent of a directory (for `..` and
+                                                     the rename-into-own-subtree check)
+    D    D + parent + cookie + name                  directory entry -> child ino, type
+    C    C + ino + chunk index                       the chunk's slices, oldest first
+    X    X + ino + name                              extended attribute value
+    O    O + ino                                     orphan: nlink 0, awaiting Reclaim
+    R    R + request id                              the Outcome of that request
+    T    T + offset                                  the request id folded at that offset
+
+A directory entry's middle field is its readdir cookie: a 63-bit hash of the
+name, never below `COOKIE_MIN`. Listing a directory walks its prefix in cookie
+order, so a cookie handed to the kernel stays a valid resume point however the
+directory changes meanwhile (the ext4 htree answer to telldir/seekdir); lookup
+is a direct get because the name is in the key. Two names of one directory
+sharing a 63-bit hash (probability about n**2 / 2**64) both exist and are both
+listed, but a listing resumed between them skips the second.
+
+Values are compact struct-packed records, never JSON: the fold writes several
+per command and the state of a large volume holds hundreds of millions.
+
+The state digest is order-independent: the sum modulo 2**256 of
+`entry_hash(key, value)` over every live (non-meta) key. Adding on put and
+subtracting on delete keeps it current in O(1) per change, and two states with
+the same digest hold the same keys and values with overwhelming probability.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from tidefs.journal.commands import Outcome, Region, SliceRef
+
+FORMAT_VERSION = 1
+"""Version of this key layout; stored in meta so an old binary never misreads a newer state."""
+
+TAG_META = b"\x00"
+TAG_VOLUME = b"V"
+TAG_INODE = b"I"
+TAG_SYMLINK = b"S"
+TAG_PARENT = b"P"
+TAG_DIRENT = b"D"
+TAG_CHUNK = b"C"
+TAG_XATTR = b"X"
+TAG_ORPHAN = b"O"
+TAG_OUTCOME = b"R"
+TAG_TRIM = b"T"
+
+META_APPLIED = TAG_META + b"applied"
+META_DIGEST = TAG_META + b"digest"
+META_FORMAT = TAG_META + b"format"
+
+VOLUME_KEY = TAG_VOLUME
+LIVE_START = b"\x01"
+"""Every live (digested) key sorts at or after this; every meta key before it."""
+
+COOKIE_MIN = 3
+"""Smallest readdir cookie of an entry: 0 means "from the start", 1 and 2 are left for `.` and `..`."""
+
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
+I64_MIN = -(1 << 63)
+I64_MAX = (1 << 63) - 1
+
+DIGEST_SIZE = 32
+DIGEST_MOD = 1 << (8 * DIGEST_SIZE)
+EMPTY_DIGEST = bytes(DIGEST_SIZE)
+
+_U64 = struct.Struct(">Q")
+_I64 = struct.Struct(">q")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_U64X2 = struct.Struct(">QQ")
+_DIRENT = struct.Struct(">QB")
+_ATTR = struct.Struct(">IIIIQqqqQQ")
+_SLICE = struct.Struct(">qQQIH")
+_OUTCOME = struct.Struct(">IQq")
+_VOLUME = struct.Struct(">QQQH")
+
+
+# -- keys ----------------------------------------------------------------------
+
+
+def u64(n: int) -> bytes:
+    """Return `n` as 8 big-endian bytes (the integer field of every key)."""
+    return _U64.pack(n)
+
+
+def read_u64(data: bytes, at: int = 0) -> int:
+    """Return the big-endian u64 at byte `at` of `data`."""
+    return int(_U64.unpack_from(data, at)[0])
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """Return the smallest key greater than every key that starts with `prefix`."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        raise ValueError("a prefix of only 0xff bytes has no end")
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+def name_cookie(name: bytes) -> int:
+    """Return the readdir cookie of a directory entry name: a 63-bit hash, >= COOKIE_MIN.
+
+    63 bits because FUSE and telldir carry the cookie in a signed 64-bit offset.
+    """
+    h = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big") >> 1
+    return h if h >= COOKIE_MIN else h + COOKIE_MIN
+
+
+def inode_key(ino: int) -> bytes:
+    return TAG_INODE + _U64.pack(ino)
+
+
+def symlink_key(ino: int) -> bytes:
+    return TAG_SYMLINK + _U64.pack(ino)
+
+
+def parent_key(ino: int) -> bytes:
+    return TAG_PARENT + _U64.pack(ino)
+
+
+def orphan_key(ino: int) -> bytes:
+    return TAG_ORPHAN + _U64.pack(ino)
+
+
+def dirent_prefix(parent: int) -> bytes:
+    return TAG_DIRENT + _U64.pack(parent)
+
+
+def dirent_key(parent: int, name: bytes) -> bytes:
+    return TAG_DIRENT + _U64X2.pack(parent, name_cookie(name)) + name
+
+
+def dirent_cookie_key(parent: int, cookie: int) -> bytes:
+    """Return the first possible key of the entries of `parent` with this cookie."""
+    return TAG_DIRENT + _U64X2.pack(parent, cookie)
+
+
+def split_dirent_key(key: bytes) -> tuple[int, int, bytes]:
+    """Return (parent, cookie, name) of a directory entry key."""
+    parent, cookie = _U64X2.unpack_from(key, 1)
+    return parent, cookie, key[17:]
+
+
+def chunk_prefix(ino: int) -> bytes:
+    return TAG_CHUNK + _U64.pack(ino)
+
+
+def chunk_key(ino: int, index: int) -> bytes:
+    return TAG_CHUNK + _U64X2.pack(ino, index)
+
+
+def split_chunk_key(key: bytes) -> tuple[int, int]:
+    """Return (ino, chunk index) of a chunk key."""
+    ino, index = _U64X2.unpack_from(key, 1)
+    return ino, index
+
+
+def xattr_prefix(ino: int) -> bytes:
+    return TAG_XATTR + _U64.pack(ino)
+
+
+def xattr_key(ino: int, name: bytes) -> bytes:
+    return TAG_XATTR + _U64.pack(ino) + name
+
+
+def outcome_key(request_id: bytes) -> bytes:
+    return TAG_OUTCOME + request_id
+
+
+def trim_key(offset: int) -> bytes:
+    return TAG_TRIM + _U64.pack(offset)
+
+
+def key_inode(key: bytes) -> int:
+    """Return the inode a key of tag I, S, P, C, X, O or D (the parent) belongs to."""
+    return int(_U64.unpack_from(key, 1)[0])
+
+
+# -- attributes ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """The attributes of one inode, as `stat` reports them (times in ns since the epoch)."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int = 0
+    generation: int = 0
+
+    @property
+    def kind(self) -> int:
+        """The file type bits (`stat.S_IFREG`, `stat.S_IFDIR`, ...)."""
+        return stat.S_IFMT(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+
+def encode_attr(a: Attr) -> bytes:
+    """Pack attributes; the inode number lives in the key."""
+    return _ATTR.pack(
+        a.mode,
+        a.uid,
+        a.gid,
+        a.nlink,
+        a.size,
+        a.atime_ns,
+        a.mtime_ns,
+        a.ctime_ns,
+        a.rdev,
+        a.generation,
+    )
+
+
+def decode_attr(ino: int, data: bytes) -> Attr:
+    return Attr(ino, *_ATTR.unpack(data))
+
+
+# -- directory entries ---------------------------------------------------------
+
+
+def encode_dirent(child: int, mode: int) -> bytes:
+    """Pack a directory entry: the child inode and its type nibble (mode >> 12), for d_type."""
+    return _DIRENT.pack(child, stat.S_IFMT(mode) >> 12)
+
+
+def decode_dirent(data: bytes) -> tuple[int, int]:
+    """Return (child inode, file type bits) of an entry value."""
+    child, nibble = _DIRENT.unpack(data)
+    return child, nibble << 12
+
+
+# -- slices --------------------------------------------------------------------
+
+
+def encode_slice(s: SliceRef) -> bytes:
+    """Pack one slice. A chunk's value is the concatenation of its slices, oldest first,
+    so that recording a write appends bytes without decoding the list."""
+    home = s.home.encode()
+    return _SLICE.pack(s.slice_id, s.offset, s.length, s.block_size, len(home)) + home
+
+
+def encode_slices(slices: list[SliceRef]) -> bytes:
+    return b"".join(encode_slice(s) for s in slices)
+
+
+def decode_slices(data: bytes) -> list[SliceRef]:
+    out: list[SliceRef] = []
+    at = 0
+    size = _SLICE.size
+    while at < len(data):
+        slice_id, offset, length, block_size, home_len = _SLICE.unpack_from(data, at)
+        at += size
+        home = data[at : at + home_len].decode()
+        at += home_len
+        out.append(SliceRef(slice_id, offset, length, block_size, home))
+    return out
+
+
+def slice_ids(data: bytes) -> list[int]:
+    """Return the slice ids of an encoded chunk value, oldest first, without building SliceRefs."""
+    out: list[int] = []
+    at = 0
+    size = _SLICE.size
+    while at < len(data):
+        slice_id, _o, _l, _b, home_len = _SLICE.unpack_from(data, at)
+        out.append(slice_id)
+        at += size + home_len
+    return out
+
+
+# -- outcomes ------------------------------------------------------------------
+
+
+def encode_outcome(o: Outcome) -> bytes:
+    return _OUTCOME.pack(o.errno, o.inode, o.offset)
+
+
+def decode_outcome(data: bytes) -> Outcome:
+    errno_, inode, offset = _OUTCOME.unpack(data)
+    return Outcome(errno_, inode, offset)
+
+
+# -- the volume ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class VolumeInfo:
+    """The volume record: what CreateVolume and AddRegion established."""
+
+    name: str
+    regions: tuple[Region, ...]
+    primary: str
+    chunk_size: int
+    block_size: int
+    retention_s: int
+
+    def region(self, name: str) -> Region | None:
+        """Return the region called `name`, or None."""
+        for r in self.regions:
+            if r.name == name:
+                return r
+        return None
+
+
+def _pack_str(s: str) -> bytes:
+    raw = s.encode()
+    return _U16.pack(len(raw)) + raw
+
+
+def _unpack_str(data: bytes, at: int) -> tuple[str, int]:
+    (n,) = _U16.unpack_from(data, at)
+    at += 2
+    return data[at : at + n].decode(), at + n
+
+
+def encode_volume(v: VolumeInfo) -> bytes:
+    parts = [_VOLUME.pack(v.chunk_size, v.block_size, v.retention_s, len(v.regions))]
+    parts.append(_pack_str(v.name))
+    parts.append(_pack_str(v.primary))
+    for r in v.regions:
+        parts.append(_pack_str(r.name))
+        parts.append(_pack_str(r.store_url))
+    return b"".join(parts)
+
+
+@lru_cache(maxsize=16)
+def decode_volume(data: bytes) -> VolumeInfo:
+    """Decode the volume record; cached because the fold reads it for every write."""
+    chunk_size, block_size, retention_s, n = _VOLUME.unpack_from(data, 0)
+    at = _VOLUME.size
+    name, at = _unpack_str(data, at)
+    primary, at = _unpack_str(data, at)
+    regions = []
+    for _ in range(n):
+        rname, at = _unpack_str(data, at)
+        url, at = _unpack_str(data, at)
+        regions.append(Region(rname, url))
+    return VolumeInfo(name, tuple(regions), primary, chunk_size, block_size, retention_s)
+
+
+def fits_str16(s: str) -> bool:
+    """Whether `s` encodes as UTF-8 in at most 65535 bytes (the length prefix of a string field)."""
+    try:
+        return len(s.encode()) <= 0xFFFF
+    except UnicodeEncodeError:
+        return False
+
+
+# -- meta ----------------------------------------------------------------------
+
+
+def encode_offset(offset: int) -> bytes:
+    return _I64.pack(offset)
+
+
+def decode_offset(data: bytes) -> int:
+    return int(_I64.unpack(data)[0])
+
+
+def encode_u32(n: int) -> bytes:
+    return _U32.pack(n)
+
+
+def decode_u32(data: bytes) -> int:
+    return int(_U32.unpack(data)[0])
+
+
+# -- digest --------------------------------------------------------------------
+
+
+def entry_hash(key: bytes, value: bytes) -> int:
+    """Return the digest contribution of one live key and its value.
+
+    The key's length is hashed first so that no (key, value) split of the same
+    bytes collides with another.
+    """
+    h = hashlib.blake2b(_U32.pack(len(key)), digest_size=DIGEST_SIZE)
+    h.update(key)
+    h.update(value)
+    return int.from_bytes(h.digest(), "big")
+
+
+def digest_bytes(total: int) -> bytes:
+    """Return the 32-byte form of a digest sum."""
+    return (total % DIGEST_MOD).to_bytes(DIGEST_SIZE, "big")
+
+
+def digest_of(items: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Recompute a digest from scratch over (key, value) pairs of live keys."""
+    total = 0
+    for key, value in items:
+        total += entry_hash(key, value)
+    return digest_bytes(total)

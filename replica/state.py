@@ -1,0 +1,493 @@
+"""A region's state of one volume: RocksDB, written only by folding the log.
+
+`State` is the one owner of a region's RocksDB directory. The write side is
+`apply`, which folds a batch of (offset, envelope) records and commits the
+changes of all of them, the new applied offset and the new digest in ONE
+RocksDB write batch (invariant 3): a crash anywhere leaves the state at the
+end of some earlier batch, never between two records or in the middle of
+one. Records at or below the applied offset are skipped, so re-delivery is
+harmless.
+
+The write batch goes through RocksDB's WAL but is not fsynced: the log is the
+source of truth, so a machine crash that loses the last batches only rewinds
+the applied offset, and the fold reads those records again. A killed process
+loses nothing, since the WAL write reached the kernel before `apply` returned.
+
+Within a batch, records see the writes of the records before them through an
+overlay (`_Batch`) in front of the database; the digest is updated on every
+put and delete from the value it replaces. A small cache of values read or
+written by earlier batches serves the fold's hot keys (the volume record,
+busy directories); only the single writer fills it, under the directory's
+exclusive lock, so it is never stale.
+
+The read side (`getattr`, `lookup`, `readdir`, ...) is what the FUSE mount and
+the CLI use. Reads go straight to RocksDB and are safe from any thread while a
+fold runs; each sees the state at the end of some applied batch. A read-only
+State sees the directory as it was when it was opened.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+from rocksdict import (
+    AccessType,
+    BlockBasedOptions,
+    Checkpoint,
+    Options,
+    Rdict,
+    ReadOptions,
+    WriteBatch,
+    WriteOptions,
+)
+
+from tidefs.journal.commands import Envelope, Outcome, SliceRef
+from tidefs.replica import keys as K
+from tidefs.replica.fold import OUTCOME_WINDOW, fold_record, merge_scan
+from tidefs.replica.keys import Attr, VolumeInfo
+
+LOCK_FILE = "tidefs.lock"
+"""Name of the lock file inside a state directory; held by the one writable State."""
+
+_CACHE_MAX = 200_000
+_MISSING: Any = object()
+_INODE_TAGS = frozenset(
+    t[0] for t in (K.TAG_INODE, K.TAG_SYMLINK, K.TAG_PARENT, K.TAG_CHUNK, K.TAG_XATTR, K.TAG_ORPHAN)
+)
+_DIRENT_TAG = K.TAG_DIRENT[0]
+
+
+class StateError(Exception):
+    """Base of the errors a State raises."""
+
+
+class StateLockedError(StateError):
+    """The state directory is already open for writing, by this or another process."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one `apply` did.
+
+    `outcomes` lines up with the batch. A record folded by this call gets its
+    outcome (for a retried request id, the stored outcome of its first
+    offset). A re-delivered record (offset <= the applied offset before the
+    call) changes nothing and gets the outcome stored for its request id, or
+    `Outcome(0, 0, -1)` once that has been trimmed.
+
+    `changed_inodes` and `changed_entries` name what the batch changed, so
+    that a mount can invalidate the kernel's caches of them: an inode whose
+    attributes, data, xattrs or existence changed, and every (parent, name)
+    that was added, removed or repointed.
+    """
+
+    outcomes: list[Outcome]
+    changed_inodes: frozenset[int] = frozenset()
+    changed_entries: frozenset[tuple[int, bytes]] = frozenset()
+    applied_offset: int = -1
+    skipped: int = 0
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The state during one apply: pending writes over the database, and the running digest."""
+
+    db: Rdict
+    cache: dict[bytes, bytes | None]
+    digest: int
+    dirty: dict[bytes, bytes | None] = field(default_factory=dict)
+    _sorted: list[bytes] = field(default_factory=list)
+    _unsorted: list[bytes] = field(default_factory=list)
+
+    def get(self, key: bytes) -> bytes | None:
+        value = self.dirty.get(key, _MISSING)
+        if value is _MISSING:
+            value = self.cache.get(key, _MISSING)
+            if value is _MISSING:
+                value = self.db.get(key)
+                self.cache[key] = value
+        return value
+
+    def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
+        if self._unsorted:
+            # Timsort merges the two sorted runs in linear time.
+            self._unsorted.sort()
+            self._sorted.extend(self._unsorted)
+            self._sorted.sort()
+            self._unsorted.clear()
+        i = bisect.bisect_left(self._sorted, lo)
+        j = bisect.bisect_left(self._sorted, hi)
+        overlay = [(k, self.dirty[k]) for k in self._sorted[i:j]]
+        return merge_scan(_items(self.db, lo, hi), overlay)
+
+    def write(self, key: bytes, value: bytes | None) -> bool:
+        """Record a put (or a delete when None) and update the digest; False if nothing changed."""
+        old = self.get(key)
+        if old == value:
+            return False
+        if old is not None:
+            self.digest -= K.entry_hash(key, old)
+        if value is not None:
+            self.digest += K.entry_hash(key, value)
+        if key not in self.dirty:
+            self._unsorted.append(key)
+        self.dirty[key] = value
+        return True
+
+
+class State:
+    """One region's RocksDB state of one volume; see the module doc."""
+
+    def __init__(
+        self,
+        db: Rdict,
+        path: Path,
+        *,
+        read_only: bool,
+        lock_fd: int | None,
+        outcome_window: int,
+    ) -> None:
+        self._db = db
+        self.path = path
+        self.read_only = read_only
+        self._lock_fd = lock_fd
+        self._window = outcome_window
+        self._wopts = WriteOptions()
+        self._wopts.sync = False  # WAL without fsync: the log is the source of truth
+        self._cache: dict[bytes, bytes | None] = {}
+        self._applied = self._read_applied()
+        raw = db.get(K.META_DIGEST)
+        self._digest = int.from_bytes(raw, "big") if raw is not None else 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        outcome_window: int = OUTCOME_WINDOW,
+    ) -> State:
+        """Open (creating if needed) the state directory at `path`.
+
+        A writable open takes an exclusive lock on the directory and fails at
+        once with StateLockedError when another writable State holds it, in
+        this process or another. `outcome_window` is for tests: every region
+        of a volume must fold with the same window.
+        """
+        path = Path(path)
+        if outcome_window < 1:
+            raise ValueError("outcome_window must be at least 1")
+        if read_only:
+            if not (path / "CURRENT").exists():
+                raise StateError(f"no tidefs state at {path}")
+            try:
+                db = Rdict(
+                    str(path), _options(create=False), access_type=AccessType.read_only(False)
+                )
+            except Exception as exc:
+                raise StateError(f"cannot open the state at {path} read-only: {exc}") from exc
+            state = cls(db, path, read_only=True, lock_fd=None, outcome_window=outcome_window)
+            state._check_format()
+            return state
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create the state directory {path}: {exc}") from exc
+        lock_fd = _lock(path)
+        try:
+            db = Rdict(str(path), _options(create=True))
+        except Exception as exc:
+            os.close(lock_fd)
+            raise StateError(f"cannot open the state at {path}: {exc}") from exc
+        state = cls(db, path, read_only=False, lock_fd=lock_fd, outcome_window=outcome_window)
+        try:
+            state._check_format()
+        except BaseException:
+            state.close()
+            raise
+        return state
+
+    def _check_format(self) -> None:
+        raw = self._db.get(K.META_FORMAT)
+        if raw is None:
+            if self.read_only:
+                return
+            self._db.put(K.META_FORMAT, K.encode_u32(K.FORMAT_VERSION), self._wopts)
+            return
+        version = K.decode_u32(raw)
+        if version != K.FORMAT_VERSION:
+            raise StateError(
+                f"the state at {self.path} has key format {version}; "
+                f"this tidefs reads format {K.FORMAT_VERSION}: replay it into a new directory"
+            )
+
+    def close(self) -> None:
+        """Close the database and release the directory lock (idempotent)."""
+        if self._db is not None:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            self._db = None  # type: ignore[assignment]
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> State:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def checkpoint(self, dest: str | Path) -> None:
+        """Write a consistent copy of the state to the new directory `dest` (a RocksDB checkpoint)."""
+        Checkpoint(self._db).create_checkpoint(str(dest))
+
+    # -- the write side --------------------------------------------------------
+
+    def apply(self, batch: Sequence[tuple[int, Envelope]]) -> ApplyResult:
+        """Fold `batch` (in offset order) and commit it in one RocksDB write batch.
+
+        If anything raises, nothing is written and the state stays as it was.
+        """
+        if self.read_only:
+            raise StateError(f"the state at {self.path} is open read-only")
+        if len(self._cache) > _CACHE_MAX:
+            self._cache.clear()
+        start = self._applied
+        applied = start
+        view = _Batch(self._db, self._cache, self._digest)
+        outcomes: list[Outcome] = []
+        inodes: set[int] = set()
+        entries: set[tuple[int, bytes]] = set()
+        skipped = 0
+        for offset, env in batch:
+            if offset <= applied:
+                if offset < 0:
+                    raise ValueError(f"negative log offset {offset}")
+                skipped += 1
+                raw = view.get(K.outcome_key(env.request_id))
+                outcomes.append(K.decode_outcome(raw) if raw is not None else Outcome(0, 0, -1))
+                continue
+            folded = fold_record(view, applied, offset, env, window=self._window)
+            for key, value in folded.writes.items():
+                if view.write(key, value):
+                    _note_change(key, inodes, entries)
+            outcomes.append(folded.outcome)
+            applied = offset
+        if applied == start:
+            return ApplyResult(outcomes, applied_offset=applied, skipped=skipped)
+        wb = WriteBatch(raw_mode=True)
+        for key, value in view.dirty.items():
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
+        digest = view.digest % K.DIGEST_MOD
+        wb.put(K.META_APPLIED, K.encode_offset(applied))
+        wb.put(K.META_DIGEST, K.digest_bytes(digest))
+        try:
+            self._db.write(wb, self._wopts)
+        except BaseException:
+            self._cache.clear()  # reads of this batch may have cached nothing wrong, but be sure
+            raise
+        self._cache.update(view.dirty)
+        self._applied = applied
+        self._digest = digest
+        return ApplyResult(outcomes, frozenset(inodes), frozenset(entries), applied, skipped)
+
+    # -- the read side -----------------------------------------------------------
+
+    def applied_offset(self) -> int:
+        """Return the last applied log offset, -1 when nothing was applied."""
+        if not self.read_only:
+            return self._applied
+        return self._read_applied()
+
+    def _read_applied(self) -> int:
+        raw = self._db.get(K.META_APPLIED)
+        return -1 if raw is None else K.decode_offset(raw)
+
+    def digest(self) -> bytes:
+        """Return the 32-byte digest of the state at the applied offset."""
+        raw = self._db.get(K.META_DIGEST)
+        return K.EMPTY_DIGEST if raw is None else bytes(raw)
+
+    def digest_hex(self) -> str:
+        return self.digest().hex()
+
+    def recompute_digest(self) -> bytes:
+        """Recompute the digest from every live key (slow; for verify and tests)."""
+        return K.digest_of(self.dump())
+
+    def volume(self) -> VolumeInfo | None:
+        """Return the volume record, None before CreateVolume was applied."""
+        raw = self._db.get(K.VOLUME_KEY)
+        return None if raw is None else K.decode_volume(raw)
+
+    def getattr(self, ino: int) -> Attr | None:
+        """Return the attributes of inode `ino`, None when it does not exist."""
+        if not 0 < ino <= K.U64_MAX:
+            return None
+        raw = self._db.get(K.inode_key(ino))
+        return None if raw is None else K.decode_attr(ino, raw)
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        """Return the inode named `name` in directory `parent`, or None."""
+        if not 0 < parent <= K.U64_MAX:
+            return None
+        raw = self._db.get(K.dirent_key(parent, name))
+        return None if raw is None else K.decode_dirent(raw)[0]
+
+    def parent(self, ino: int) -> int | None:
+        """Return the parent of directory `ino` (the root's is itself), None for other inodes."""
+        if not 0 < ino <= K.U64_MAX:
+            return None
+        raw = self._db.get(K.parent_key(ino))
+        return None if raw is None else K.read_u64(raw)
+
+    def readdir(self, ino: int, after_cookie: int = 0) -> Iterator[tuple[int, bytes, int]]:
+        """Yield (cookie, name, child inode) of directory `ino` with cookie > `after_cookie`.
+
+        Entries come in cookie order; a cookie stays a valid place to resume
+        while the directory changes (see keys.py).
+        """
+        if not 0 < ino <= K.U64_MAX or after_cookie >= K.I64_MAX:
+            return
+        prefix = K.dirent_prefix(ino)
+        start = K.dirent_cookie_key(ino, max(after_cookie, 0) + 1)
+        for key, value in self._scan(start, K.prefix_end(prefix)):
+            _parent, cookie, name = K.split_dirent_key(key)
+            yield cookie, name, K.decode_dirent(value)[0]
+
+    def readdir_types(
+        self, ino: int, after_cookie: int = 0
+    ) -> Iterator[tuple[int, bytes, int, int]]:
+        """As readdir, with the child's file type bits (`stat.S_IFDIR`, ...) as a fourth field."""
+        if not 0 < ino <= K.U64_MAX or after_cookie >= K.I64_MAX:
+            return
+        prefix = K.dirent_prefix(ino)
+        start = K.dirent_cookie_key(ino, max(after_cookie, 0) + 1)
+        for key, value in self._scan(start, K.prefix_end(prefix)):
+            _parent, cookie, name = K.split_dirent_key(key)
+            child, kind = K.decode_dirent(value)
+            yield cookie, name, child, kind
+
+    def readlink(self, ino: int) -> bytes | None:
+        """Return the target of symlink `ino`, None when it is not a symlink."""
+        if not 0 < ino <= K.U64_MAX:
+            return None
+        raw = self._db.get(K.symlink_key(ino))
+        return None if raw is None else bytes(raw)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        """Return the value of xattr `name` of `ino`, None when absent."""
+        if not 0 < ino <= K.U64_MAX:
+            return None
+        raw = self._db.get(K.xattr_key(ino, name))
+        return None if raw is None else bytes(raw)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        """Return the xattr names of `ino`, in byte order."""
+        if not 0 < ino <= K.U64_MAX:
+            return []
+        prefix = K.xattr_prefix(ino)
+        return [key[len(prefix) :] for key, _v in self._scan(prefix, K.prefix_end(prefix))]
+
+    def slices(self, ino: int, chunk_index: int) -> list[SliceRef]:
+        """Return the slices of one chunk, oldest first: later ones overlay earlier ones."""
+        if not 0 < ino <= K.U64_MAX or not 0 <= chunk_index <= K.U64_MAX:
+            return []
+        raw = self._db.get(K.chunk_key(ino, chunk_index))
+        return [] if raw is None else K.decode_slices(raw)
+
+    def chunks(self, ino: int) -> list[int]:
+        """Return the indexes of the chunks of `ino` that hold slices, ascending."""
+        if not 0 < ino <= K.U64_MAX:
+            return []
+        prefix = K.chunk_prefix(ino)
+        return [K.split_chunk_key(key)[1] for key, _v in self._scan(prefix, K.prefix_end(prefix))]
+
+    def outcome(self, request_id: bytes) -> Outcome | None:
+        """Return the stored outcome of a request id, None if unknown or trimmed."""
+        raw = self._db.get(K.outcome_key(request_id))
+        return None if raw is None else K.decode_outcome(raw)
+
+    def iter_live_slices(self) -> Iterator[tuple[int, int, SliceRef]]:
+        """Yield (inode, chunk index, slice) for every slice of every file."""
+        for key, value in self._scan(K.TAG_CHUNK, K.prefix_end(K.TAG_CHUNK)):
+            ino, index = K.split_chunk_key(key)
+            for s in K.decode_slices(value):
+                yield ino, index, s
+
+    def orphans(self) -> list[int]:
+        """Return the inodes with no links left that no Reclaim has dropped yet."""
+        return [
+            K.key_inode(key) for key, _v in self._scan(K.TAG_ORPHAN, K.prefix_end(K.TAG_ORPHAN))
+        ]
+
+    def dump(self) -> Iterator[tuple[bytes, bytes]]:
+        """Yield every live (digested) key and value in key order; meta keys are left out."""
+        return _items(self._db, K.LIVE_START, None)
+
+    def _scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return _items(self._db, lo, hi)
+
+
+def _items(db: Rdict, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+    """Iterate the keys in [lo, hi) (to the end when hi is None); raw mode yields bytes."""
+    ro = ReadOptions()
+    if hi is not None:
+        ro.set_iterate_upper_bound(hi)
+    return cast(Iterator[tuple[bytes, bytes]], db.items(from_key=lo, read_opt=ro))
+
+
+def _options(*, create: bool) -> Options:
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(create)
+    table = BlockBasedOptions()
+    # Most fold reads are point lookups of keys that do not exist yet (a new
+    # name, a new request id): a bloom filter answers those without disk reads.
+    table.set_bloom_filter(10, False)
+    opts.set_block_based_table_factory(table)
+    return opts
+
+
+def _lock(path: Path) -> int:
+    """Take the directory's exclusive write lock or raise StateLockedError at once."""
+    lock_path = path / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # flock, not lockf: two opens in one process conflict too.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = ""
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f" (process {holder})" if holder else ""
+        raise StateLockedError(
+            f"the tidefs state at {path} is already open for writing{who}; "
+            "only one fold may write a state directory"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _note_change(key: bytes, inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
+    """Record which inode or directory entry a written key belongs to, for cache invalidation."""
+    tag = key[0]
+    if tag in _INODE_TAGS:
+        inodes.add(K.key_inode(key))
+    elif tag == _DIRENT_TAG:
+        parent, _cookie, name = K.split_dirent_key(key)
+        entries.add((parent, name))
+        inodes.add(parent)
