@@ -102,7 +102,9 @@ def cmd_log(args: argparse.Namespace) -> int:
                     print(json.dumps(row, sort_keys=True))
                 else:
                     fields = " ".join(f"{k}={v!r}" for k, v in row["fields"].items())
-                    print(f"{rec.offset:>8} {row['time']} {env.origin:<10} {row['command']} {fields}")
+                    print(
+                        f"{rec.offset:>8} {row['time']} {env.origin:<10} {row['command']} {fields}"
+                    )
             offset = records[-1].offset + 1
             if remaining is not None:
                 remaining -= len(records)
@@ -119,7 +121,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     with open_log(args.journal, args.volume) as lg:
         head = lg.head()
         if to_ns is not None:
-            target = lg.offset_for_time(to_ns) - 1
+            # State as of that time includes records stamped exactly then.
+            target = lg.offset_for_time(to_ns + 1) - 1
         elif args.to_offset is not None:
             target = min(args.to_offset, head - 1)
         else:
@@ -129,9 +132,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             applied = state.applied_offset()
             vol = state.volume()
             if vol is not None and vol.name != args.volume:
-                raise CliError(
-                    f"{args.state_dir} holds volume {vol.name!r}, not {args.volume!r}"
-                )
+                raise CliError(f"{args.state_dir} holds volume {vol.name!r}, not {args.volume!r}")
             if applied > target:
                 raise CliError(
                     f"{args.state_dir} is already at offset {applied}, past the target {target}: "

@@ -42,15 +42,25 @@ class SubmitTimeout(ReplicaError):
     """A command was appended (or may have been) but not applied here in time."""
 
 
-def decode_batch(records: Sequence[Record]) -> list[tuple[int, Envelope]]:
-    """Decode records in order; raise codec.CodecError naming the first bad offset."""
-    out: list[tuple[int, Envelope]] = []
+def apply_records(state: State, records: Sequence[Record]) -> ApplyResult:
+    """Decode and fold `records` in one batch.
+
+    A record that cannot be decoded stops the fold there: everything before it
+    is applied, so the state rests at the exact offset before the bad record,
+    and the codec error (naming that offset) is raised.
+    """
+    decoded: list[tuple[int, Envelope]] = []
+    error: codec.CodecError | None = None
     for rec in records:
         try:
-            out.append((rec.offset, codec.decode(rec.payload)))
+            decoded.append((rec.offset, codec.decode(rec.payload)))
         except codec.CodecError as exc:
-            raise type(exc)(f"record at offset {rec.offset}: {exc}") from exc
-    return out
+            error = type(exc)(f"record at offset {rec.offset}: {exc}")
+            break
+    result = state.apply(decoded)
+    if error is not None:
+        raise error
+    return result
 
 
 def fold_range(
@@ -73,7 +83,7 @@ def fold_range(
         records = [r for r in records if r.offset <= target]
         if not records:
             break
-        state.apply(decode_batch(records))
+        apply_records(state, records)
         applied = state.applied_offset()
         if progress is not None:
             progress(applied, target)
@@ -174,7 +184,7 @@ class Replica:
         records = self.log.read(start, max_records=self.batch, timeout=timeout)
         if not records:
             return 0
-        result = self.state.apply(decode_batch(records))
+        result = apply_records(self.state, records)
         self.last_record_ns = records[-1].timestamp_ns
         self.applied_at_ns = time.time_ns()
         for fn in self._listeners:

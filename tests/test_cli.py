@@ -84,7 +84,15 @@ def test_replay_then_digest_agree_and_rewind_to_an_offset(
     filled_journal: str, tmp_path: Path
 ) -> None:
     full = json.loads(
-        run("replay", "vol", "--journal", filled_journal, "--state-dir", str(tmp_path / "s1"), "--json").stdout
+        run(
+            "replay",
+            "vol",
+            "--journal",
+            filled_journal,
+            "--state-dir",
+            str(tmp_path / "s1"),
+            "--json",
+        ).stdout
     )
     assert full["offset"] == 5
     dig = json.loads(run("digest", "--state-dir", str(tmp_path / "s1"), "--json").stdout)
@@ -106,7 +114,15 @@ def test_replay_then_digest_agree_and_rewind_to_an_offset(
 
     # Folding the rest of the log onto the rewound state reaches the full digest.
     rest = json.loads(
-        run("replay", "vol", "--journal", filled_journal, "--state-dir", str(tmp_path / "s2"), "--json").stdout
+        run(
+            "replay",
+            "vol",
+            "--journal",
+            filled_journal,
+            "--state-dir",
+            str(tmp_path / "s2"),
+            "--json",
+        ).stdout
     )
     assert rest["digest"] == full["digest"]
 
