@@ -1,0 +1,693 @@
+"""The distributed log: one single-partition Apache Kafka topic per volume.
+
+A volume's log is the topic `tidefs.<volume>.log` with exactly one partition
+(one partition is what gives one total order) and infinite retention (the
+log is the source of truth; trimming it is a decision for snapshots, not for
+a broker default). The topic is created when missing.
+
+Appending. The producer is idempotent with `acks=all`: a retried produce
+after a lost response cannot write the record twice, and a delivery report
+means every in-sync replica has it. `append` produces and waits for that
+report; a background thread polls the producer so that reports are handed
+out the moment they arrive. Many threads appending at once are batched by
+librdkafka into one produce request (`linger_ms` is the short window in
+which a batch gathers), which is Kafka's form of group commit.
+
+Bounded waits. Every call that talks to the broker has a deadline derived
+from `timeout` (10 s by default): `message.timeout.ms` bounds delivery,
+`socket.timeout.ms` bounds requests, and admin and metadata calls get
+explicit time-outs. An unreachable broker therefore surfaces as
+JournalUnavailable instead of a hang. A time-out after `produce` does not
+say the record was not written (it may land later): callers that retry
+carry the same request id, and the fold applies it once.
+
+Timestamps. Kafka keeps milliseconds; a record also carries its exact
+nanosecond timestamp in a header, and `offset_for_time` refines Kafka's
+millisecond answer by reading the few records of that millisecond.
+
+Reading. Records are fetched by consumers that the log owns and assigns by
+hand (no consumer group, no committed offsets: the reader's position lives
+with the caller, e.g. the fold's applied offset). A small pool of consumers
+lets several readers follow the log at once; each remembers its position, so
+a reader that asks for the next record continues without a seek. Offsets may
+have gaps (transaction markers), so nothing here assumes `next == last + 1`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from tidefs.journal.log import JournalConfigError, JournalError, JournalUnavailable, Log, Record
+
+log = logging.getLogger(__name__)
+
+TOPIC_FORMAT = "tidefs.{volume}.log"
+"""The topic that holds a volume's log."""
+
+TIMESTAMP_HEADER = "tidefs-ts-ns"
+"""Header with the record's exact timestamp (ns, 8 bytes big-endian); Kafka's own is in ms."""
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_LINGER_MS = 1.0
+DEFAULT_MAX_RECORD_BYTES = 8 << 20
+DEFAULT_MAX_READERS = 4
+_VOLUME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_C = TypeVar("_C")
+_BATCH_OVERHEAD = 64 << 10
+"""Room above `max_record_bytes` for the record batch framing and headers."""
+
+
+class KafkaLog(Log):
+    """One volume's log in a single-partition Kafka topic; safe to share between threads.
+
+    Options (URL query parameters or keyword arguments):
+    - `timeout` (seconds, default 10): bound on opening and on each append,
+      read, head or offset_for_time call before JournalUnavailable;
+    - `linger_ms` (default 1): how long the producer gathers concurrent
+      appends into one request; more batches better, at that cost in latency;
+    - `replication_factor` (default: the broker's `default.replication.factor`)
+      and `min_insync_replicas` (default: the broker's) for a topic created here;
+    - `max_record_bytes` (default 8 MiB): the largest payload accepted;
+    - `create` (default true): create the topic when it is missing;
+    - `max_readers` (default 4): consumers kept for concurrent reads;
+    - any option whose name contains a dot (`security.protocol`, ...) is passed
+      to every librdkafka client unchanged.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        volume: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        linger_ms: float = DEFAULT_LINGER_MS,
+        replication_factor: int = -1,
+        min_insync_replicas: int | None = None,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        create: bool = True,
+        max_readers: int = DEFAULT_MAX_READERS,
+        client_config: dict[str, object] | None = None,
+    ) -> None:
+        if not isinstance(volume, str) or not _VOLUME_RE.match(volume):
+            raise JournalConfigError(
+                f"volume name {volume!r} cannot name a Kafka topic: use 1-200 of [A-Za-z0-9._-]"
+            )
+        if timeout <= 0 or linger_ms < 0 or max_record_bytes <= 0 or max_readers <= 0:
+            raise JournalConfigError(
+                "timeout, max_record_bytes and max_readers must be positive, linger_ms >= 0"
+            )
+        self.volume = volume
+        self.bootstrap = bootstrap
+        self.topic = TOPIC_FORMAT.format(volume=volume)
+        self.timeout = float(timeout)
+        self.max_record_bytes = int(max_record_bytes)
+        self._tp = TopicPartition(self.topic, 0)
+        self._last_error = ""
+        self._closed = False
+        ms = max(10, int(self.timeout * 1000))
+        self._common: dict[str, Any] = {
+            "bootstrap.servers": bootstrap,
+            "client.id": f"tidefs-{volume}",
+            "socket.timeout.ms": ms,
+            # Come back quickly after a broker restart instead of backing off for 10 s.
+            "reconnect.backoff.ms": 50,
+            "reconnect.backoff.max.ms": 1000,
+            "error_cb": self._on_error,
+            "logger": log,
+            # Brokers close idle connections; that is routine, not worth a log line.
+            "log.connection.close": False,
+            **(client_config or {}),
+        }
+
+        deadline = time.monotonic() + self.timeout
+        admin = self._client(AdminClient, {})
+        self._ensure_topic(admin, deadline, create, int(replication_factor), min_insync_replicas)
+
+        self._producer = self._client(
+            Producer,
+            {
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": linger_ms,
+                "message.timeout.ms": ms,
+                "request.timeout.ms": min(ms, 30000),
+                "message.max.bytes": self.max_record_bytes + _BATCH_OVERHEAD,
+            },
+        )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(
+            target=self._poll_producer, name=f"tidefs-kafka-{volume}", daemon=True
+        )
+        self._poller.start()
+
+        # Watermarks and offsets_for_times go through their own consumer, so
+        # that head() never waits behind a reader blocked on the tail.
+        self._meta = self._new_consumer()
+        self._meta_lock = threading.Lock()
+        self._readers: list[_Reader] = []
+        self._idle: list[_Reader] = []
+        self._max_readers = int(max_readers)
+        self._readers_cond = threading.Condition()
+        self._known_head = 0
+
+    @classmethod
+    def from_url(cls, url: str, volume: str, **options: object) -> KafkaLog:
+        """Open `volume` at `kafka://host:port[,host:port][?timeout=..&linger_ms=..]`.
+
+        Keyword options override the URL's query parameters.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "kafka":
+            raise JournalConfigError(f"not a kafka journal URL: {url!r}")
+        if parts.path not in ("", "/") or parts.fragment:
+            raise JournalConfigError(
+                f"kafka journal URL {url!r} has a path; expected kafka://host:port[,host:port]"
+            )
+        hosts = [h.strip() for h in parts.netloc.split(",")] if parts.netloc else []
+        if not hosts:
+            raise JournalConfigError(f"kafka journal URL {url!r} names no broker")
+        for host in hosts:
+            name, sep, port = host.rpartition(":")
+            if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
+                raise JournalConfigError(f"kafka journal URL {url!r}: {host!r} is not host:port")
+        try:
+            query = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True))
+        except ValueError as exc:
+            if parts.query:
+                raise JournalConfigError(f"malformed query in journal URL {url!r}") from exc
+            query = {}
+        merged: dict[str, object] = {**query, **options}
+        converters: dict[str, Callable[[object], object]] = {
+            "timeout": _positive_float,
+            "linger_ms": _non_negative_float,
+            "replication_factor": _int,
+            "min_insync_replicas": _int,
+            "max_record_bytes": _int,
+            "create": _bool,
+            "max_readers": _int,
+        }
+        kwargs: dict[str, Any] = {}
+        client_config: dict[str, object] = dict(
+            merged.pop("client_config", None) or {}  # type: ignore[call-overload]
+        )
+        for name, value in merged.items():
+            if "." in name:
+                client_config[name] = value
+            elif name in converters:
+                try:
+                    kwargs[name] = converters[name](value)
+                except (TypeError, ValueError) as exc:
+                    raise JournalConfigError(
+                        f"invalid kafka journal option {name}={value!r}: {exc}"
+                    ) from exc
+            else:
+                raise JournalConfigError(
+                    f"unknown kafka journal option {name!r} in {url!r}; known: "
+                    f"{', '.join(sorted(converters))} and librdkafka settings (with a dot)"
+                )
+        return cls(",".join(hosts), volume, client_config=client_config, **kwargs)
+
+    # -- opening -------------------------------------------------------------
+
+    def _ensure_topic(
+        self,
+        admin: AdminClient,
+        deadline: float,
+        create: bool,
+        replication_factor: int,
+        min_insync_replicas: int | None,
+    ) -> None:
+        """Find (or create) the volume's topic and wait until its partition has a leader."""
+        created = False
+        while True:
+            # Listing every topic (not asking for ours by name) never triggers a
+            # broker's auto-creation with default partitions and retention.
+            metadata = self._call(lambda left: admin.list_topics(timeout=left), "open", deadline)
+            topic = metadata.topics.get(self.topic)
+            if topic is not None and topic.error is None:
+                if len(topic.partitions) != 1:
+                    raise JournalConfigError(
+                        f"Kafka topic {self.topic} has {len(topic.partitions)} partitions; "
+                        "a tidefs log needs exactly one (one total order)"
+                    )
+                if all(p.leader >= 0 and p.error is None for p in topic.partitions.values()):
+                    return
+            elif not create:
+                raise JournalUnavailable(
+                    f"Kafka topic {self.topic} for volume {self.volume!r} does not exist "
+                    f"on {self.bootstrap} (and create=false)"
+                )
+            elif not created:
+                self._create_topic(admin, deadline, replication_factor, min_insync_replicas)
+                created = True
+            if time.monotonic() >= deadline:
+                raise JournalUnavailable(
+                    f"Kafka topic {self.topic} on {self.bootstrap} has no partition leader "
+                    f"after {self.timeout}s"
+                )
+            time.sleep(0.05)
+
+    def _create_topic(
+        self,
+        admin: AdminClient,
+        deadline: float,
+        replication_factor: int,
+        min_insync_replicas: int | None,
+    ) -> None:
+        config = {
+            "retention.ms": "-1",
+            "retention.bytes": "-1",
+            "cleanup.policy": "delete",
+            # Keep the writer's clock: offset_for_time answers in the writers' terms.
+            "message.timestamp.type": "CreateTime",
+            "max.message.bytes": str(self.max_record_bytes + _BATCH_OVERHEAD),
+        }
+        if min_insync_replicas is not None:
+            config["min.insync.replicas"] = str(min_insync_replicas)
+        left = self._left(deadline)
+        futures = admin.create_topics(
+            [
+                NewTopic(
+                    self.topic,
+                    num_partitions=1,
+                    replication_factor=replication_factor,
+                    config=config,
+                )
+            ],
+            request_timeout=left,
+            operation_timeout=left,
+        )
+        try:
+            futures[self.topic].result(timeout=left + 1)
+        except KafkaException as exc:
+            err = exc.args[0]
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                return  # another process created it first
+            raise self._unavailable(f"cannot create topic {self.topic}", exc) from exc
+        except FutureTimeout as exc:
+            raise self._unavailable(f"cannot create topic {self.topic}", exc) from exc
+        log.info("created Kafka topic %s on %s", self.topic, self.bootstrap)
+
+    def _client(self, kind: Callable[[dict[str, Any]], _C], config: dict[str, Any]) -> _C:
+        """Make a librdkafka client; a setting it refuses is the URL's fault, not the broker's."""
+        try:
+            return kind({**self._common, **config})
+        except (KafkaException, ValueError, TypeError) as exc:
+            raise JournalConfigError(
+                f"invalid Kafka client settings for {self.topic}: {exc}"
+            ) from exc
+
+    def _new_consumer(self) -> Consumer:
+        return self._client(
+            Consumer,
+            {
+                # A group id is required by the client, but the log never joins
+                # the group nor commits: it assigns the partition by hand.
+                "group.id": f"tidefs-reader-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                # The broker answers a tail fetch as soon as a record lands; this
+                # only bounds an idle fetch, and so how fast a re-assign is seen.
+                "fetch.wait.max.ms": 100,
+                "fetch.error.backoff.ms": 20,
+            },
+        )
+
+    # -- appending -----------------------------------------------------------
+
+    def append(self, payload: bytes, timestamp_ns: int | None = None) -> int:
+        """Produce one record and return its offset once every in-sync replica has it."""
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise TypeError(f"a record payload must be bytes, not {type(payload).__name__}")
+        data = bytes(payload)
+        if len(data) > self.max_record_bytes:
+            raise JournalError(
+                f"record of {len(data)} bytes exceeds max_record_bytes={self.max_record_bytes}"
+            )
+        if timestamp_ns is None:
+            timestamp_ns = time.time_ns()
+        elif timestamp_ns < 0:
+            raise ValueError(
+                f"timestamp_ns must be nanoseconds since the epoch, not {timestamp_ns}"
+            )
+        self._check_open()
+        delivery = _Delivery()
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self._producer.produce(
+                    self.topic,
+                    value=data,
+                    partition=0,
+                    # 0 would mean "now" to librdkafka; the header keeps the exact value anyway.
+                    timestamp=max(1, timestamp_ns // 1_000_000),
+                    headers=[(TIMESTAMP_HEADER, timestamp_ns.to_bytes(8, "big"))],
+                    on_delivery=delivery,
+                )
+                break
+            except BufferError:
+                # The local queue is full: the poller is draining it; wait, but not forever.
+                if time.monotonic() >= deadline:
+                    raise JournalUnavailable(
+                        f"Kafka producer queue for {self.topic} stayed full for {self.timeout}s"
+                    ) from None
+                time.sleep(0.005)
+            except KafkaException as exc:
+                raise self._unavailable(f"cannot append to {self.topic}", exc) from exc
+        # librdkafka fails a message after message.timeout.ms, so the report
+        # comes within `timeout`; the extra second only covers a stalled poller.
+        if not delivery.done.wait(self.timeout + 1.0):
+            raise JournalUnavailable(
+                f"no delivery report for an append to {self.topic} within {self.timeout}s "
+                "(the record may still be written)"
+            )
+        if delivery.error is not None:
+            raise JournalUnavailable(
+                f"append to {self.topic} on {self.bootstrap} failed: {delivery.error}"
+                + (f" (last client error: {self._last_error})" if self._last_error else "")
+            )
+        return delivery.offset
+
+    def _poll_producer(self) -> None:
+        """Serve delivery reports as they arrive (the reports run the appenders' callbacks)."""
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    # -- reading -------------------------------------------------------------
+
+    def read(self, start: int, max_records: int = 1000, timeout: float = 0.0) -> list[Record]:
+        """Return up to `max_records` records from `start` on, waiting up to `timeout` for one.
+
+        Records below the high watermark are fetched even when `timeout` is 0:
+        a reader asking for records that exist must get them, however long the
+        fetch takes (within the backend's `timeout`).
+        """
+        if start < 0:
+            raise ValueError(f"start offset must be >= 0, not {start}")
+        if max_records <= 0:
+            return []
+        reader = self._borrow(start)
+        try:
+            return self._read_with(reader, start, max_records, max(0.0, timeout))
+        except KafkaException as exc:
+            reader.position = None  # unknown after a failure: re-assign next time
+            raise self._unavailable(f"cannot read {self.topic}", exc) from exc
+        finally:
+            self._give_back(reader)
+
+    def _read_with(
+        self, reader: _Reader, start: int, max_records: int, timeout: float
+    ) -> list[Record]:
+        consumer = reader.consumer
+        tail_deadline = time.monotonic() + timeout
+        if reader.position != start:
+            # Never fetch beyond the log end: Kafka would answer "out of range"
+            # and reset the position. Start at the end and skip up to `start`.
+            fetch_from = start
+            if start > self._known_head:
+                fetch_from = min(start, self._watermark(time.monotonic() + self.timeout))
+            consumer.assign([TopicPartition(self.topic, 0, fetch_from)])
+            reader.position = fetch_from
+        # Once records at or after `start` are known to exist, the wait is for
+        # the fetch, bounded by the backend timeout rather than the caller's.
+        data_deadline: float | None = None
+        if start < self._known_head:
+            data_deadline = max(tail_deadline, time.monotonic() + self.timeout)
+        while True:
+            deadline = tail_deadline if data_deadline is None else data_deadline
+            message = consumer.poll(max(0.0, deadline - time.monotonic()))
+            if message is not None:
+                records = self._take(reader, message, start, max_records)
+                if records:
+                    return records
+                continue
+            now = time.monotonic()
+            if data_deadline is None:
+                # The caller's wait is over: are there records not fetched yet?
+                if self._watermark(now + self.timeout) <= start:
+                    return []
+                data_deadline = now + self.timeout
+            elif now >= data_deadline:
+                # The watermark says records exist but none arrived: either only
+                # control records are left, or the broker went away.
+                position = consumer.position([TopicPartition(self.topic, 0)])[0].offset
+                if position >= self._watermark(now + self.timeout):
+                    return []
+                raise JournalUnavailable(
+                    f"records of {self.topic} from offset {start} could not be fetched from "
+                    f"{self.bootstrap} within {self.timeout}s"
+                )
+
+    def _take(self, reader: _Reader, first: Message, start: int, max_records: int) -> list[Record]:
+        """Turn `first` and whatever else is already fetched into records at or after `start`."""
+        batch = [first]
+        if max_records > 1:
+            batch += reader.consumer.consume(max_records - 1, 0)
+        records = []
+        for message in batch:
+            record = self._record(message)
+            if record is None:
+                continue
+            reader.position = record.offset + 1
+            self._known_head = max(self._known_head, record.offset + 1)
+            if record.offset >= start:
+                records.append(record)
+        return records
+
+    def _record(self, msg: Message) -> Record | None:
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                return None
+            raise KafkaException(err)
+        offset = msg.offset()
+        if offset is None:  # pragma: no cover - fetched messages always carry one
+            return None
+        timestamp_ns = msg.timestamp()[1] * 1_000_000
+        headers = msg.headers() or ()
+        for key, value in headers.items() if isinstance(headers, dict) else headers:
+            if key == TIMESTAMP_HEADER and isinstance(value, bytes) and len(value) == 8:
+                timestamp_ns = int.from_bytes(value, "big")
+        return Record(offset, timestamp_ns, msg.value() or b"")
+
+    def _borrow(self, start: int) -> _Reader:
+        """Take an idle reader, preferring one already positioned at `start`."""
+        with self._readers_cond:
+            while True:
+                self._check_open()
+                for reader in self._idle:
+                    if reader.position == start:
+                        self._idle.remove(reader)
+                        return reader
+                if len(self._readers) < self._max_readers:
+                    break
+                if self._idle:
+                    return self._idle.pop(0)
+                self._readers_cond.wait()
+            reader = _Reader(self._new_consumer())
+            self._readers.append(reader)
+            return reader
+
+    def _give_back(self, reader: _Reader) -> None:
+        with self._readers_cond:
+            if self._closed:
+                self._readers.remove(reader)
+                reader.consumer.close()
+            else:
+                self._idle.append(reader)
+            self._readers_cond.notify()
+
+    # -- positions -----------------------------------------------------------
+
+    def head(self) -> int:
+        """Return the high watermark: the offset after the last committed record."""
+        self._check_open()
+        return self._watermark(time.monotonic() + self.timeout)
+
+    def _watermark(self, deadline: float) -> int:
+        with self._meta_lock:
+            result = self._call(
+                lambda left: self._meta.get_watermark_offsets(self._tp, timeout=left, cached=False),
+                "head",
+                deadline,
+            )
+        if result is None:
+            raise JournalUnavailable(
+                f"no watermarks for {self.topic} from {self.bootstrap} within {self.timeout}s"
+            )
+        high = int(result[1])
+        self._known_head = max(self._known_head, high)
+        return high
+
+    def offset_for_time(self, timestamp_ns: int) -> int:
+        """Return the first offset whose append time is >= `timestamp_ns` (head() if none)."""
+        self._check_open()
+        millis = max(0, timestamp_ns // 1_000_000)
+        deadline = time.monotonic() + self.timeout
+        with self._meta_lock:
+            (found,) = self._call(
+                lambda left: self._meta.offsets_for_times(
+                    [TopicPartition(self.topic, 0, millis)], timeout=left
+                ),
+                "offset_for_time",
+                deadline,
+            )
+        if found.error is not None:
+            raise JournalUnavailable(f"offset_for_time on {self.topic} failed: {found.error}")
+        if found.offset < 0:
+            return self.head()
+        # Kafka answered for the millisecond; the records of that millisecond
+        # that are older than `timestamp_ns` are skipped by their exact time.
+        position = found.offset
+        while True:
+            records = self.read(position, max_records=100)
+            if not records:
+                return self.head()
+            for record in records:
+                if record.timestamp_ns >= timestamp_ns:
+                    return record.offset
+            position = records[-1].offset + 1
+
+    # -- errors and closing --------------------------------------------------
+
+    def _on_error(self, err: KafkaError) -> None:
+        # librdkafka reports transport trouble here and keeps retrying by
+        # itself; the latest one makes a time-out's message say why.
+        self._last_error = str(err)
+        log.debug("kafka client error on %s: %s", self.topic, err)
+
+    def _call(self, fn: Callable[[float], Any], what: str, deadline: float) -> Any:
+        """Run `fn(seconds_left)` until it answers or `deadline` passes.
+
+        A fresh topic's leader, or a restarted broker, answers with retriable
+        errors for a moment; only the deadline turns them into JournalUnavailable.
+        """
+        while True:
+            try:
+                return fn(self._left(deadline))
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                fatal = isinstance(err, KafkaError) and err.fatal()
+                if fatal or time.monotonic() + 0.05 >= deadline:
+                    raise self._unavailable(f"{what} on {self.topic}", exc) from exc
+                time.sleep(0.05)
+
+    def _unavailable(self, what: str, exc: BaseException) -> JournalUnavailable:
+        detail = str(exc.args[0]) if exc.args else type(exc).__name__
+        if self._last_error and self._last_error not in detail:
+            detail += f"; last client error: {self._last_error}"
+        return JournalUnavailable(
+            f"{what}: Kafka brokers {self.bootstrap} unavailable within {self.timeout}s ({detail})"
+        )
+
+    def _left(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise JournalUnavailable(
+                f"Kafka brokers {self.bootstrap} did not answer within {self.timeout}s"
+                + (f" ({self._last_error})" if self._last_error else "")
+            )
+        return left
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise JournalError(f"the log of volume {self.volume!r} ({self.topic}) is closed")
+
+    def close(self) -> None:
+        """Wait (up to `timeout`) for appends in flight, then release the clients."""
+        with self._readers_cond:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle = self._idle, []
+            for reader in idle:
+                self._readers.remove(reader)
+            self._readers_cond.notify_all()
+        remaining = self._producer.flush(self.timeout)
+        if remaining:
+            log.warning("%d append(s) to %s undelivered at close", remaining, self.topic)
+        self._stop.set()
+        self._poller.join()
+        for reader in idle:
+            reader.consumer.close()
+        with self._meta_lock:
+            self._meta.close()
+
+    def __repr__(self) -> str:
+        return f"KafkaLog({self.bootstrap!r}, volume={self.volume!r})"
+
+
+class _Reader:
+    """A consumer of the log's partition and where it stands (None: not assigned)."""
+
+    __slots__ = ("consumer", "position")
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self.position: int | None = None
+
+
+class _Delivery:
+    """The delivery callback of one append, and what it reported."""
+
+    __slots__ = ("done", "error", "offset")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: KafkaError | None = None
+        self.offset = -1
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self.error = err
+        else:
+            offset = msg.offset()
+            if offset is None or offset < 0:
+                self.error = KafkaError(KafkaError._FAIL, "delivery report without an offset")
+            else:
+                self.offset = offset
+        self.done.set()
+
+
+def _positive_float(value: object) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not number > 0:
+        raise ValueError("must be positive")
+    return number
+
+
+def _non_negative_float(value: object) -> float:
+    number = float(value)  # type: ignore[arg-type]
+    if not number >= 0:
+        raise ValueError("must be >= 0")
+    return number
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError("must be an integer")
+    return int(value)  # type: ignore[call-overload]
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
