@@ -1,0 +1,948 @@
+"""The data path of a mount: write buffers, the read path and chunk compaction.
+
+Write buffers
+-------------
+A file's bytes live in immutable blocks, recorded by `CommitSlice` commands,
+and a command costs a log append plus a wait for the fold. So writes are not
+sent one by one: each inode open in this mount has an `InodeBuffer`, a list
+of *extents* in the order they were started. An extent is a run of bytes
+written but not yet committed, inside one chunk; it becomes one slice.
+
+- A write that continues the newest extent (it starts inside that extent's
+  still-mutable tail, or right at its end) is copied into it; anything else
+  starts a new extent. Only the newest extent ever changes, so the creation
+  order of extents is the order in which their bytes overlay one another,
+  and committing them in that order reproduces exactly what the writer did.
+- An extent is cut into blocks of the volume's block size. Once the end of
+  the data has moved past a block, that block is *sealed*: it will never
+  change again, so its upload to the local store starts in the background
+  while writing continues. A later write into a sealed block starts a new
+  extent instead of modifying it, which is what keeps blocks immutable
+  (invariant 4) without ever re-uploading.
+- An extent that reaches the end of its chunk is complete and is committed in
+  the background, so a long sequential write streams: upload, commit, and the
+  next chunk fill in parallel, with a bound on what may wait in memory.
+- `flush` (fsync, close, the timer, truncate) freezes every extent and commits
+  them, oldest first. Runs of small unsealed extents (the random writes of a
+  database) are first coalesced in memory into disjoint runs, which are then
+  uploaded and committed concurrently: overlap is resolved before it reaches
+  the log, so the order among disjoint runs no longer matters, and the log's
+  group commit turns them into few durable writes.
+
+Extents stay in the buffer until their command has been applied to the
+state, and a read snapshots them before it reads the state. Either the read
+sees the commit in the state, or it overlays the same bytes from the buffer:
+a process always reads its own writes, flushed or not.
+
+Read windows
+------------
+A read maps its range onto the chunk's slices, newest first, subtracting
+what newer slices already cover, so that bytes hidden by later writes are
+never fetched; what no slice covers reads as zeros (holes, and the tail of a
+file extended by truncate). Each needed block comes from the first of: the
+memory cache, the disk cache, the local store, the block's home region, any
+other region (a fallback read, counted). A block that fails its checksum is
+never returned: the next copy is tried, and if none verifies the read fails
+with EIO and a log line.
+
+The blocks of one read are fetched in parallel. Sequential reads of an open
+file grow a readahead window, one block at first and doubling on every read
+that continues where the last one ended, up to `readahead_max`; the window's
+blocks are fetched in the background into the memory cache, so a reader
+streaming through a file finds its next blocks already local. A read at any
+other offset resets the window, so random access costs nothing extra.
+Concurrent requests for one block share a single fetch.
+
+Compaction
+----------
+Overwrites fragment a chunk into many slices, and every read then pays for
+the planning and for blocks it mostly does not need. After a commit leaves
+a chunk with `compact_threshold` slices or more, the chunk is read, written
+as one slice, and replaced with `CompactChunk(expected=the slice ids read)`;
+the fold rejects it (ESTALE) if the chunk changed meanwhile, and the new
+blocks are left to gc.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from tidefs.fs import metrics
+from tidefs.fs.cache import DiskBlockCache, MemoryBlockCache
+from tidefs.journal.commands import (
+    CommitSlice,
+    CompactChunk,
+    Outcome,
+    SliceRef,
+    new_request_id,
+)
+from tidefs.replica.blocks import CorruptBlockError, block_key, new_slice_id
+
+if TYPE_CHECKING:
+    from tidefs.journal.commands import Command
+    from tidefs.replica.state import State
+    from tidefs.replica.store import BlockStore
+
+log = logging.getLogger(__name__)
+
+Submit = Callable[["Command", bytes], Outcome]
+"""Append a command under a request id and return its outcome once applied here."""
+
+UPLOAD_ATTEMPTS = 3
+"""Tries of one block upload before the flush that needs it fails (EIO)."""
+
+
+class DataError(Exception):
+    """A data-path failure with the errno that the FUSE call should return."""
+
+    def __init__(self, errno_: int, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+class BlockUnavailable(DataError):
+    """No region holds a verifiable copy of a block."""
+
+    def __init__(self, key: str, corrupt: bool) -> None:
+        why = "every copy failed verification" if corrupt else "no region has it"
+        super().__init__(errno.EIO, f"block {key} unreadable: {why}")
+        self.key = key
+        self.corrupt = corrupt
+
+
+# -- extents -----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Extent:
+    """Bytes written at [start, start + length) of one chunk, not yet committed."""
+
+    chunk: int
+    start: int
+    block_size: int
+    blocks: list[bytes | bytearray] = field(default_factory=list)
+    length: int = 0
+    sealed: int = 0
+    frozen: bool = False
+    slice_id: int = field(default_factory=new_slice_id)
+    request_id: bytes = field(default_factory=new_request_id)
+    uploads: dict[int, Future[None]] = field(default_factory=dict)
+    first_write_ns: int = field(default_factory=time.monotonic_ns)
+    last_write_ns: int = field(default_factory=time.time_ns)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    @property
+    def mutable_from(self) -> int:
+        """The first file offset a write may still change in this extent."""
+        return self.start + self.sealed * self.block_size
+
+    def write(self, off: int, data: memoryview) -> None:
+        """Copy `data` to file offset `off`, which lies in [mutable_from, end]."""
+        bs = self.block_size
+        pos = off - self.start
+        i = 0
+        while i < len(data):
+            b, within = divmod(pos, bs)
+            while b >= len(self.blocks):
+                self.blocks.append(bytearray())
+            blk = self.blocks[b]
+            assert isinstance(blk, bytearray), "write into a sealed block"
+            n = min(bs - within, len(data) - i)
+            blk[within : within + n] = data[i : i + n]
+            pos += n
+            i += n
+        self.length = max(self.length, pos)
+        self.last_write_ns = time.time_ns()
+
+    def seal_full(self) -> list[int]:
+        """Seal every block the data has moved past; return their indexes."""
+        if self.length == 0:
+            return []
+        last = (self.length - 1) // self.block_size
+        newly = []
+        while self.sealed < last:
+            self.blocks[self.sealed] = bytes(self.blocks[self.sealed])
+            newly.append(self.sealed)
+            self.sealed += 1
+        return newly
+
+    def copy_range(self, lo: int, hi: int) -> bytes:
+        """Return this extent's bytes at file offsets [lo, hi) (within the extent)."""
+        bs = self.block_size
+        parts = []
+        pos = lo - self.start
+        stop = hi - self.start
+        while pos < stop:
+            b, within = divmod(pos, bs)
+            n = min(bs - within, stop - pos)
+            parts.append(bytes(self.blocks[b][within : within + n]))
+            pos += n
+        return b"".join(parts)
+
+    def payload(self, index: int) -> bytes:
+        return bytes(self.blocks[index])
+
+
+@dataclass(eq=False)
+class Run:
+    """One slice to commit: coalesced bytes, or a (partly uploaded) extent as it is."""
+
+    chunk: int
+    start: int
+    data: Extent
+
+
+class InodeBuffer:
+    """The pending writes of one inode, and the locks that order their commits."""
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.lock = threading.Lock()
+        self.commit_lock = threading.Lock()
+        self.extents: list[Extent] = []
+        self.background: Future[None] | None = None
+
+    def dirty(self) -> int:
+        return sum(e.length for e in self.extents)
+
+    def pending_end(self) -> int:
+        return max((e.end for e in self.extents), default=0)
+
+    def snapshot(self, lo: int, hi: int) -> list[tuple[int, bytes]]:
+        """Copy the pending bytes that overlap [lo, hi), oldest extent first."""
+        out = []
+        with self.lock:
+            for e in self.extents:
+                a, b = max(lo, e.start), min(hi, e.end)
+                if a < b:
+                    out.append((a, e.copy_range(a, b)))
+        return out
+
+
+# -- open files --------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """One open() of an inode in this mount, with its readahead state."""
+
+    fh: int
+    ino: int
+    flags: int
+    ra_next: int = -1
+    ra_window: int = 0
+
+
+# -- the read plan -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Bytes [within, within + n) of block `index` of `ref`, for output offset `dst`."""
+
+    ref: SliceRef
+    index: int
+    within: int
+    n: int
+    dst: int
+
+
+def visible(slices: Iterable[SliceRef], lo: int, hi: int) -> list[tuple[SliceRef, int, int]]:
+    """Return the parts [a, b) of [lo, hi) (chunk offsets) each slice shows, newest on top.
+
+    `slices` is oldest first, as the state returns them. Ranges no slice
+    covers are absent from the result: they read as zeros.
+    """
+    covered: list[tuple[int, int]] = []  # disjoint, sorted
+    out: list[tuple[SliceRef, int, int]] = []
+    for s in reversed(list(slices)):
+        a, b = max(lo, s.offset), min(hi, s.offset + s.length)
+        if a >= b:
+            continue
+        cursor = a
+        for c0, c1 in covered:
+            if c1 <= cursor:
+                continue
+            if c0 >= b:
+                break
+            if c0 > cursor:
+                out.append((s, cursor, c0))
+            cursor = max(cursor, c1)
+            if cursor >= b:
+                break
+        if cursor < b:
+            out.append((s, cursor, b))
+        covered = _merge(covered, a, b)
+    return out
+
+
+def _merge(intervals: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    placed = False
+    for c0, c1 in intervals:
+        if c1 < a:
+            merged.append((c0, c1))
+        elif c0 > b:
+            if not placed:
+                merged.append((a, b))
+                placed = True
+            merged.append((c0, c1))
+        else:
+            a, b = min(a, c0), max(b, c1)
+    if not placed:
+        merged.append((a, b))
+    return merged
+
+
+def coalesce(extents: list[Extent], block_size: int) -> list[Extent]:
+    """Merge extents (oldest first; none sealed) into disjoint, non-adjacent runs per chunk.
+
+    Later extents overwrite earlier ones where they overlap, so committing the
+    result in any order gives the bytes that committing the inputs in order
+    would. Adjacent runs of one chunk are joined: fewer, longer slices.
+    """
+    by_chunk: dict[int, list[tuple[int, bytearray]]] = {}
+    for e in extents:
+        runs = by_chunk.setdefault(e.chunk, [])
+        data = bytearray(e.copy_range(e.start, e.end))
+        lo, hi = e.start, e.end
+        kept: list[tuple[int, bytearray]] = []
+        for start, buf in runs:
+            end = start + len(buf)
+            if end < lo or start > hi:
+                kept.append((start, buf))
+                continue
+            # overlapping or adjacent: fold the older run around the new bytes
+            new_lo, new_hi = min(lo, start), max(hi, end)
+            joined = bytearray(new_hi - new_lo)
+            joined[start - new_lo : end - new_lo] = buf
+            joined[lo - new_lo : hi - new_lo] = data
+            data, lo, hi = joined, new_lo, new_hi
+        kept.append((lo, data))
+        by_chunk[e.chunk] = sorted(kept, key=lambda r: r[0])
+    out = []
+    for chunk, runs in sorted(by_chunk.items()):
+        for start, buf in runs:
+            ext = Extent(chunk=chunk, start=start, block_size=block_size, frozen=True)
+            ext.write(start, memoryview(buf))
+            out.append(ext)
+    return out
+
+
+# -- block fetching ----------------------------------------------------------
+
+
+class BlockFetcher:
+    """Fetch verified block payloads: memory cache, disk cache, then the stores by region.
+
+    Thread-safe. Concurrent requests for one key share one fetch.
+    """
+
+    def __init__(
+        self,
+        stores: Mapping[str, BlockStore],
+        region: str,
+        memory: MemoryBlockCache,
+        disk: DiskBlockCache,
+        pool: ThreadPoolExecutor,
+    ) -> None:
+        self.stores = stores
+        self.region = region
+        self.memory = memory
+        self.disk = disk
+        self.pool = pool
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future[bytes]] = {}
+        self.fallback_reads = 0
+        self.fallback_bytes = 0
+        self.corrupt_copies = 0
+
+    def _claim(self, key: str) -> tuple[Future[bytes], bool]:
+        with self._lock:
+            fut = self._inflight.get(key)
+            if fut is not None:
+                return fut, False
+            fut = Future[bytes]()
+            self._inflight[key] = fut
+            return fut, True
+
+    def _run(self, key: str, ref: SliceRef, fut: Future[bytes]) -> None:
+        try:
+            data = self._load(key, ref)
+        except BaseException as exc:
+            with self._lock:
+                self._inflight.pop(key, None)
+            fut.set_exception(exc)
+            return
+        self.memory.put(key, data)
+        with self._lock:
+            self._inflight.pop(key, None)
+        fut.set_result(data)
+
+    def get(self, ref: SliceRef, index: int) -> bytes:
+        """Return the payload of block `index` of `ref`; raise BlockUnavailable."""
+        key = block_key(ref.slice_id, index)
+        data = self.memory.get(key)
+        if data is not None:
+            return data
+        fut, owner = self._claim(key)
+        if owner:
+            self._run(key, ref, fut)
+        return fut.result()
+
+    def start(self, ref: SliceRef, index: int) -> Future[bytes] | None:
+        """Begin fetching a block in the background unless it is in memory already."""
+        key = block_key(ref.slice_id, index)
+        if self.memory.get(key) is not None:
+            return None
+        fut, owner = self._claim(key)
+        if owner:
+            self.pool.submit(self._run, key, ref, fut)
+        return fut
+
+    def _order(self, home: str) -> list[str]:
+        order = [self.region]
+        if home != self.region:
+            order.append(home)
+        order.extend(r for r in sorted(self.stores) if r not in order)
+        return order
+
+    def _load(self, key: str, ref: SliceRef) -> bytes:
+        data = self.disk.get(key)
+        if data is not None:
+            metrics.CACHE_HITS.add(1, {"level": "disk"})
+            return data
+        corrupt = False
+        for region in self._order(ref.home):
+            store = self.stores.get(region)
+            if store is None:
+                continue
+            try:
+                data = store.get_block(key)
+            except CorruptBlockError as exc:
+                corrupt = True
+                self.corrupt_copies += 1
+                metrics.CORRUPT_BLOCKS.add(1, {"region": region})
+                log.error("region %s holds a corrupt copy: %s", region, exc)
+                continue
+            except Exception as exc:  # missing here, or the store is down: try the next
+                log.debug("block %s not readable from region %s: %s", key, region, exc)
+                continue
+            if region != self.region:
+                self.fallback_reads += 1
+                self.fallback_bytes += len(data)
+                metrics.FALLBACK_READS.add(1, {"region": region})
+                metrics.FALLBACK_BYTES.add(len(data), {"region": region})
+            self.disk.put(key, data)
+            return data
+        log.error("block %s of slice %x (home %s) is unreadable", key, ref.slice_id, ref.home)
+        raise BlockUnavailable(key, corrupt)
+
+
+# -- the data path -----------------------------------------------------------
+
+
+class DataPath:
+    """Write buffers, reads and compaction for one mount; every method is thread-safe.
+
+    Methods block (store I/O, log appends): the FUSE layer calls them from
+    worker threads, never from the event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        state: State,
+        submit: Submit,
+        region: str,
+        chunk_size: int,
+        block_size: int,
+        stores: Mapping[str, BlockStore],
+        disk_cache: DiskBlockCache,
+        memory_cache_bytes: int = 128 << 20,
+        flush_interval: float = 2.0,
+        compact_threshold: int = 16,
+        readahead_max: int = 32 << 20,
+        dirty_limit: int = 512 << 20,
+        io_threads: int = 16,
+    ) -> None:
+        self.state = state
+        self.submit = submit
+        self.region = region
+        self.chunk_size = chunk_size
+        self.block_size = block_size
+        self.stores = stores
+        self.flush_interval = flush_interval
+        self.compact_threshold = compact_threshold
+        self.readahead_max = max(readahead_max, block_size)
+        self.dirty_limit = dirty_limit
+        self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="tidefs-io")
+        self._submits = ThreadPoolExecutor(16, thread_name_prefix="tidefs-submit")
+        self._background = ThreadPoolExecutor(4, thread_name_prefix="tidefs-commit")
+        self.fetcher = BlockFetcher(
+            stores, region, MemoryBlockCache(memory_cache_bytes), disk_cache, self._io
+        )
+        self._lock = threading.Lock()
+        self._files: dict[int, OpenFile] = {}
+        self._open_count: dict[int, int] = {}
+        self._buffers: dict[int, InodeBuffer] = {}
+        self._fh = itertools.count(1)
+        self._compacting: set[tuple[int, int]] = set()
+        self._closed = False
+
+    # -- open files ----------------------------------------------------------
+
+    def open(self, ino: int, flags: int) -> int:
+        """Register an open of `ino`; return its file handle."""
+        with self._lock:
+            fh = next(self._fh)
+            self._files[fh] = OpenFile(fh, ino, flags)
+            self._open_count[ino] = self._open_count.get(ino, 0) + 1
+        return fh
+
+    def inode_of(self, fh: int) -> int:
+        """Return the inode of an open file handle (EBADF if unknown)."""
+        of = self._files.get(fh)
+        if of is None:
+            raise DataError(errno.EBADF, f"unknown file handle {fh}")
+        return of.ino
+
+    def is_open(self, ino: int) -> bool:
+        """Whether any handle of this mount has `ino` open."""
+        with self._lock:
+            return self._open_count.get(ino, 0) > 0
+
+    def open_inodes(self) -> list[int]:
+        with self._lock:
+            return [ino for ino, n in self._open_count.items() if n > 0]
+
+    def release(self, fh: int) -> tuple[int, bool]:
+        """Flush and forget a handle; return (inode, whether it was the last in this mount)."""
+        ino = self.inode_of(fh)
+        try:
+            self.flush(ino)
+        finally:
+            with self._lock:
+                self._files.pop(fh, None)
+                left = self._open_count.get(ino, 1) - 1
+                if left > 0:
+                    self._open_count[ino] = left
+                else:
+                    self._open_count.pop(ino, None)
+                buf = self._buffers.get(ino)
+                if left <= 0 and buf is not None and not buf.extents:
+                    del self._buffers[ino]
+        return ino, left <= 0
+
+    # -- writing ---------------------------------------------------------------
+
+    def _buffer(self, ino: int) -> InodeBuffer:
+        with self._lock:
+            buf = self._buffers.get(ino)
+            if buf is None:
+                buf = self._buffers[ino] = InodeBuffer(ino)
+            return buf
+
+    def write(self, fh: int, off: int, data: bytes) -> int:
+        """Buffer `data` at `off`; return len(data). Uploads and commits run behind."""
+        ino = self.inode_of(fh)
+        buf = self._buffer(ino)
+        view = memoryview(data)
+        cs = self.chunk_size
+        to_upload: list[tuple[Extent, int]] = []
+        commit_behind = False
+        with buf.lock:
+            pos, i = off, 0
+            while i < len(view):
+                chunk = pos // cs
+                n = min(len(view) - i, (chunk + 1) * cs - pos)
+                ext = self._extent_for(buf, chunk, pos)
+                ext.write(pos, view[i : i + n])
+                to_upload.extend((ext, b) for b in ext.seal_full())
+                if ext.end == (chunk + 1) * cs:
+                    ext.frozen = True  # a complete chunk: commit it behind the writer
+                    commit_behind = True
+                pos += n
+                i += n
+            dirty = buf.dirty()
+            if commit_behind and buf.background is None:
+                buf.background = self._background.submit(self._commit_behind, buf)
+        for ext, b in to_upload:
+            ext.uploads[b] = self._io.submit(self._upload, ext.slice_id, b, ext.payload(b))
+        if dirty > min(self.dirty_limit, 2 * cs + self.block_size):
+            # Backpressure: a writer far ahead of its uploads waits for them here.
+            self.flush(ino)
+        return len(data)
+
+    def _extent_for(self, buf: InodeBuffer, chunk: int, pos: int) -> Extent:
+        last = buf.extents[-1] if buf.extents else None
+        if (
+            last is not None
+            and not last.frozen
+            and last.chunk == chunk
+            and last.mutable_from <= pos <= last.end
+        ):
+            return last
+        if last is not None:
+            last.frozen = True  # only the newest extent may change: that keeps overlay order
+        ext = Extent(chunk=chunk, start=pos, block_size=self.block_size)
+        buf.extents.append(ext)
+        return ext
+
+    def pending(self, ino: int) -> tuple[int, int] | None:
+        """Return (end of pending data, time of the last pending write in ns), or None."""
+        buf = self._buffers.get(ino)
+        if buf is None:
+            return None
+        with buf.lock:
+            if not buf.extents:
+                return None
+            return buf.pending_end(), max(e.last_write_ns for e in buf.extents)
+
+    def flush(self, ino: int) -> None:
+        """Commit every write of `ino` made before this call; raise DataError on failure."""
+        buf = self._buffers.get(ino)
+        if buf is None:
+            return
+        with buf.lock:
+            if not buf.extents:
+                return
+            for e in buf.extents:
+                e.frozen = True
+            upto = buf.extents[-1]
+        with buf.commit_lock:
+            while True:
+                with buf.lock:
+                    if upto not in buf.extents:
+                        return
+                self._commit_leading(buf)
+
+    def flush_all(self) -> list[tuple[int, DataError]]:
+        """Flush every inode; return the failures instead of stopping at the first."""
+        failures = []
+        for ino in list(self._buffers):
+            try:
+                self.flush(ino)
+            except DataError as exc:
+                failures.append((ino, exc))
+        return failures
+
+    def due(self) -> list[int]:
+        """Inodes whose oldest pending write is older than the flush interval."""
+        limit = time.monotonic_ns() - int(self.flush_interval * 1e9)
+        out = []
+        for ino, buf in list(self._buffers.items()):
+            with buf.lock:
+                if buf.extents and buf.extents[0].first_write_ns <= limit:
+                    out.append(ino)
+        return out
+
+    def forget_idle(self, ino: int) -> None:
+        """Drop an empty buffer of an inode no handle has open."""
+        with self._lock:
+            buf = self._buffers.get(ino)
+            if buf is not None and not buf.extents and self._open_count.get(ino, 0) == 0:
+                del self._buffers[ino]
+
+    def _commit_behind(self, buf: InodeBuffer) -> None:
+        """Commit completed chunks while the writer goes on (runs on a background thread)."""
+        while True:
+            with buf.lock:
+                if not (buf.extents and buf.extents[0].frozen):
+                    buf.background = None
+                    return
+            try:
+                with buf.commit_lock:
+                    self._commit_leading(buf)
+            except Exception as exc:
+                # The extents stay buffered; the next flush retries and reports.
+                log.warning("background commit of inode %d failed: %s", buf.ino, exc)
+                with buf.lock:
+                    buf.background = None
+                return
+
+    def _commit_leading(self, buf: InodeBuffer) -> None:
+        """Commit the leading frozen extents of `buf`, in order; caller holds commit_lock."""
+        with buf.lock:
+            batch = list(itertools.takewhile(lambda e: e.frozen, buf.extents))
+        if not batch:
+            return
+        for group, runs in self._plan(batch):
+            self._commit_runs(buf.ino, runs)
+            with buf.lock:
+                for e in group:
+                    buf.extents.remove(e)
+            self._after_commit(buf.ino, {r.chunk for r in runs})
+
+    def _plan(self, batch: list[Extent]) -> list[tuple[list[Extent], list[Run]]]:
+        """Split extents into groups committed in order; each group's runs are disjoint."""
+        plan: list[tuple[list[Extent], list[Run]]] = []
+        small: list[Extent] = []
+        for e in batch:
+            if e.sealed or e.uploads:
+                if small:
+                    runs = [Run(c.chunk, c.start, c) for c in coalesce(small, self.block_size)]
+                    plan.append((small, runs))
+                    small = []
+                plan.append(([e], [Run(e.chunk, e.start, e)]))
+            else:
+                small.append(e)
+        if small:
+            if len(small) == 1:
+                plan.append((small, [Run(small[0].chunk, small[0].start, small[0])]))
+            else:
+                runs = [Run(c.chunk, c.start, c) for c in coalesce(small, self.block_size)]
+                plan.append((small, runs))
+        return plan
+
+    def _commit_runs(self, ino: int, runs: list[Run]) -> None:
+        if len(runs) == 1:
+            self._commit_run(ino, runs[0])
+            return
+        futures = [self._submits.submit(self._commit_run, ino, r) for r in runs]
+        errors = [f.exception() for f in futures]
+        for exc in errors:
+            if exc is not None:
+                raise exc
+
+    def _commit_run(self, ino: int, run: Run) -> None:
+        ext = run.data
+        nblocks = (ext.length + self.block_size - 1) // self.block_size
+        pending = []
+        for b in range(nblocks):
+            fut = ext.uploads.get(b)
+            if fut is None or (fut.done() and fut.exception() is not None):
+                fut = ext.uploads[b] = self._io.submit(
+                    self._upload, ext.slice_id, b, ext.payload(b)
+                )
+            pending.append(fut)
+        for fut in pending:
+            exc = fut.exception()
+            if exc is not None:
+                raise DataError(errno.EIO, f"upload failed: {exc}") from exc
+        ref = SliceRef(
+            slice_id=ext.slice_id,
+            offset=ext.start - ext.chunk * self.chunk_size,
+            length=ext.length,
+            block_size=self.block_size,
+            home=self.region,
+        )
+        outcome = self._submit(CommitSlice(inode=ino, chunk_index=ext.chunk, slice=ref), ext)
+        if not outcome.ok:
+            raise DataError(outcome.errno, f"CommitSlice of inode {ino} rejected")
+        metrics.SLICES_COMMITTED.add(1)
+
+    def _submit(self, command: Command, ext: Extent) -> Outcome:
+        try:
+            return self.submit(command, ext.request_id)
+        except DataError:
+            raise
+        except Exception as exc:
+            log.error("cannot commit to the log: %s", exc)
+            raise DataError(errno.EIO, f"log unavailable: {exc}") from exc
+
+    def _upload(self, slice_id: int, index: int, payload: bytes) -> None:
+        key = block_key(slice_id, index)
+        store = self.stores[self.region]
+        for attempt in range(UPLOAD_ATTEMPTS):
+            try:
+                store.put_block(key, payload)
+                break
+            except Exception as exc:
+                if attempt == UPLOAD_ATTEMPTS - 1:
+                    log.error("upload of %s failed: %s", key, exc)
+                    raise
+                time.sleep(0.1 * 2**attempt)
+        metrics.BLOCKS_UPLOADED.add(1)
+        metrics.BYTES_UPLOADED.add(len(payload))
+        # Write-through: what was just written is the likeliest to be read next.
+        self.fetcher.disk.put(key, payload)
+
+    # -- reading ---------------------------------------------------------------
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        """Return up to `size` bytes at `off` of an open file: committed, then pending."""
+        of = self._files.get(fh)
+        if of is None:
+            raise DataError(errno.EBADF, f"unknown file handle {fh}")
+        buf = self._buffers.get(of.ino)
+        overlays = buf.snapshot(off, off + size) if buf is not None else []
+        pend = self.pending(of.ino)
+        attr = self.state.getattr(of.ino)
+        if attr is None:
+            raise DataError(errno.ESTALE, f"inode {of.ino} is gone")
+        file_size = max(attr.size, pend[0] if pend else 0, *(a + len(b) for a, b in overlays))
+        end = min(off + size, file_size)
+        if end <= off:
+            return b""
+        out = bytearray(end - off)
+        pieces = self._plan_read(of.ino, off, end)
+        started = self._start(pieces)
+        self._readahead(of, off, end, file_size)  # queued behind this read's own blocks
+        self._collect(out, pieces, started)
+        for start, data in overlays:
+            a = max(start, off)
+            b = min(start + len(data), end)
+            if a < b:
+                out[a - off : b - off] = data[a - start : b - start]
+        return bytes(out)
+
+    def _plan_read(
+        self, ino: int, lo: int, hi: int, slices: dict[int, list[SliceRef]] | None = None
+    ) -> list[Piece]:
+        """Map file range [lo, hi) to block pieces (output offsets relative to lo)."""
+        cs = self.chunk_size
+        pieces: list[Piece] = []
+        for chunk in range(lo // cs, (hi - 1) // cs + 1):
+            base = chunk * cs
+            a, b = max(lo, base) - base, min(hi, base + cs) - base
+            refs = slices[chunk] if slices is not None else self.state.slices(ino, chunk)
+            for ref, p, q in visible(refs, a, b):
+                bs = ref.block_size
+                pos = p - ref.offset
+                stop = q - ref.offset
+                while pos < stop:
+                    index, within = divmod(pos, bs)
+                    n = min(bs - within, stop - pos)
+                    dst = base + ref.offset + pos - lo
+                    pieces.append(Piece(ref, index, within, n, dst))
+                    pos += n
+        return pieces
+
+    def _fill(self, out: bytearray, pieces: list[Piece]) -> None:
+        """Copy every piece into `out`, fetching distinct blocks in parallel."""
+        self._collect(out, pieces, self._start(pieces))
+
+    def _start(self, pieces: list[Piece]) -> dict[tuple[int, int], Future[bytes] | None]:
+        """Start background fetches of every block but the first (this thread fetches that)."""
+        started: dict[tuple[int, int], Future[bytes] | None] = {}
+        first = (pieces[0].ref.slice_id, pieces[0].index) if pieces else None
+        for p in pieces:
+            k = (p.ref.slice_id, p.index)
+            if k != first and k not in started:
+                started[k] = self.fetcher.start(p.ref, p.index)
+        return started
+
+    def _collect(
+        self,
+        out: bytearray,
+        pieces: list[Piece],
+        started: dict[tuple[int, int], Future[bytes] | None],
+    ) -> None:
+        for p in pieces:
+            fut = started.get((p.ref.slice_id, p.index))
+            data = fut.result() if fut is not None else self.fetcher.get(p.ref, p.index)
+            if len(data) < p.within + p.n:
+                key = block_key(p.ref.slice_id, p.index)
+                log.error(
+                    "block %s holds %d bytes, the slice needs %d", key, len(data), p.within + p.n
+                )
+                raise DataError(errno.EIO, f"short block {key}")
+            out[p.dst : p.dst + p.n] = data[p.within : p.within + p.n]
+
+    def _readahead(self, of: OpenFile, off: int, end: int, file_size: int) -> None:
+        if off == of.ra_next:
+            of.ra_window = min(max(2 * of.ra_window, self.block_size), self.readahead_max)
+        else:
+            of.ra_window = 0
+        of.ra_next = end
+        if of.ra_window == 0 or end >= file_size:
+            return
+        try:
+            ahead = self._plan_read(of.ino, end, min(end + of.ra_window, file_size))
+        except Exception as exc:  # readahead is a hint: never fail a read for it
+            log.debug("readahead planning failed: %s", exc)
+            return
+        seen = set()
+        for p in ahead:
+            k = (p.ref.slice_id, p.index)
+            if k not in seen:
+                seen.add(k)
+                self.fetcher.start(p.ref, p.index)
+
+    # -- compaction ------------------------------------------------------------
+
+    def _after_commit(self, ino: int, chunks: set[int]) -> None:
+        if self.compact_threshold <= 0:
+            return
+        for chunk in chunks:
+            if len(self.state.slices(ino, chunk)) < self.compact_threshold:
+                continue
+            with self._lock:
+                if (ino, chunk) in self._compacting or self._closed:
+                    continue
+                self._compacting.add((ino, chunk))
+            self._background.submit(self._compact_task, ino, chunk)
+
+    def _compact_task(self, ino: int, chunk: int) -> None:
+        try:
+            result = self.compact(ino, chunk)
+            metrics.COMPACTIONS.add(1, {"result": result})
+        except Exception as exc:
+            metrics.COMPACTIONS.add(1, {"result": "failed"})
+            log.warning("compaction of inode %d chunk %d failed: %s", ino, chunk, exc)
+        finally:
+            with self._lock:
+                self._compacting.discard((ino, chunk))
+
+    def compact(self, ino: int, chunk: int) -> str:
+        """Rewrite one chunk as a single slice; return what happened (a metric label)."""
+        buf = self._buffers.get(ino)
+        if buf is not None:
+            with buf.lock:
+                if any(e.chunk == chunk for e in buf.extents):
+                    return "busy"  # pending writes will commit and ask again
+        refs = self.state.slices(ino, chunk)
+        attr = self.state.getattr(ino)
+        if attr is None or len(refs) < 2:
+            return "skipped"
+        base = chunk * self.chunk_size
+        chunk_len = min(self.chunk_size, attr.size - base)
+        lo = min(r.offset for r in refs)
+        hi = min(max(r.offset + r.length for r in refs), chunk_len)
+        if hi <= lo:
+            return "skipped"
+        data = bytearray(hi - lo)
+        self._fill(data, self._plan_read(ino, base + lo, base + hi, {chunk: refs}))
+        ext = Extent(chunk=chunk, start=base + lo, block_size=self.block_size, frozen=True)
+        ext.write(base + lo, memoryview(data))
+        futures = [
+            self._io.submit(self._upload, ext.slice_id, b, ext.payload(b))
+            for b in range(len(ext.blocks))
+        ]
+        for f in futures:
+            f.result()
+        ref = SliceRef(ext.slice_id, lo, hi - lo, self.block_size, self.region)
+        command = CompactChunk(
+            inode=ino, chunk_index=chunk, expected=tuple(r.slice_id for r in refs), slice=ref
+        )
+        outcome = self._submit(command, ext)
+        if outcome.errno == errno.ESTALE:
+            log.debug("compaction of inode %d chunk %d lost a race", ino, chunk)
+            return "stale"
+        if not outcome.ok:
+            return f"errno-{outcome.errno}"
+        return "ok"
+
+    # -- shutdown --------------------------------------------------------------
+
+    def close(self) -> list[tuple[int, DataError]]:
+        """Flush everything, then stop the thread pools; return flush failures."""
+        failures = self.flush_all()
+        with self._lock:
+            self._closed = True
+        self._background.shutdown(wait=True)
+        self._submits.shutdown(wait=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
+        return failures

@@ -1,0 +1,692 @@
+"""Mount lifecycle: open, catch up, mount, serve, flush, unmount.
+
+A mount serves nothing before its region has folded the log up to the head
+it saw at start, so the first `ls` already shows what every region agreed on.
+Everything that can be wrong with the configuration — the journal, the state
+directory (one mount per state directory: RocksDB's lock), the volume, the
+region, the stores, the mount point, /dev/fuse — is checked before the kernel
+mount, and reported as one line; nothing is left half-mounted.
+
+Without `foreground` the process forks first, before anything is opened (no
+threads, locks or connections cross a fork), and the parent waits on a pipe
+until the child reports "ready" — the kernel mount exists and the loop is
+about to serve — or an error line, and exits 0 or 1 accordingly. So a script
+that runs `tidefs mount` can use the mount point on the next line.
+
+Shutdown (SIGINT, SIGTERM, `umount`, or `fusermount3 -u`) flushes every write
+buffer to the store and the log before the kernel mount goes away, which is
+what makes `umount` a durability point like close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tidefs.fs import metrics
+
+if TYPE_CHECKING:
+    from tidefs.fs.data import DataPath
+    from tidefs.fs.ops import Invalidator, TideOps
+    from tidefs.journal.log import Log
+    from tidefs.replica.replica import Replica
+    from tidefs.replica.state import State
+    from tidefs.replica.store import BlockStore
+
+log = logging.getLogger(__name__)
+
+READY = b"ready\n"
+"""What a mount writes to its ready fd (or the daemon pipe) once it serves."""
+
+FLUSH_TICK = 0.5
+"""Seconds between checks for write buffers older than the flush interval."""
+
+
+class MountError(Exception):
+    """A mount could not start; the message is the one line the user sees."""
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything a mount needs, resolved (default directories filled in)."""
+
+    volume: str
+    mountpoint: str
+    journal_url: str
+    region: str
+    state_dir: str
+    cache_dir: str
+    cache_size: int = 1 << 30
+    replicate: bool = True
+    max_staleness: float | None = None
+    metrics_port: int | None = None
+    flush_interval: float = 2.0
+    compact_threshold: int = 16
+    attr_timeout: float = 1.0
+
+
+def _xdg(var: str, fallback: str) -> str:
+    base = os.environ.get(var)
+    return base if base else os.path.join(os.path.expanduser("~"), fallback)
+
+
+def default_state_dir(volume: str, region: str) -> str:
+    """Where a region's state of a volume lives unless told: $XDG_DATA_HOME/tidefs/VOL/REGION."""
+    return os.path.join(_xdg("XDG_DATA_HOME", ".local/share"), "tidefs", volume, region)
+
+
+def default_cache_dir(volume: str, region: str) -> str:
+    """Where the block cache lives unless told: $XDG_CACHE_HOME/tidefs/VOL/REGION."""
+    return os.path.join(_xdg("XDG_CACHE_HOME", ".cache"), "tidefs", volume, region)
+
+
+def _runtime_dir() -> str:
+    """Where mounts record their daemon's pid for `umount`: $XDG_RUNTIME_DIR/tidefs."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(base, "tidefs") if base else f"/tmp/tidefs-{os.getuid()}"
+
+
+def canonical_mountpoint(path: str) -> str:
+    """Resolve `path` without touching the mount point itself.
+
+    Only the parent is resolved: a stat of a FUSE mount point from the process
+    that serves it, before or after its loop runs, waits for that process.
+    """
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+
+
+def _record_path(mountpoint: str) -> str:
+    """The pid record of the mount at `mountpoint` (already canonical)."""
+    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:24]
+    return os.path.join(_runtime_dir(), f"{digest}.json")
+
+
+# -- configuration checks ------------------------------------------------------
+
+
+def check_config(cfg: MountConfig) -> None:
+    """Fail fast on what can be checked without opening anything."""
+    if not os.path.isdir(cfg.mountpoint):
+        raise MountError(f"mount point {cfg.mountpoint} does not exist or is not a directory")
+    if os.path.ismount(cfg.mountpoint):
+        raise MountError(f"{cfg.mountpoint} is already a mount point")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError(
+            "/dev/fuse is missing: load the fuse module or run with --device /dev/fuse"
+        )
+    if cfg.cache_size < 0:
+        raise MountError(f"cache size must not be negative, not {cfg.cache_size}")
+    if cfg.max_staleness is not None and cfg.max_staleness < 0:
+        raise MountError(f"max staleness must not be negative, not {cfg.max_staleness}")
+
+
+# -- the mounted file system ---------------------------------------------------
+
+
+class Mount:
+    """The open resources of one mount, from the log to the FUSE operations."""
+
+    def __init__(self, cfg: MountConfig) -> None:
+        self.cfg = cfg
+        self.log: Log | None = None
+        self.state: State | None = None
+        self.replica: Replica | None = None
+        self.stores: dict[str, BlockStore] = {}
+        self.data: DataPath | None = None
+        self.ops: TideOps | None = None
+        self.invalidator: Invalidator | None = None
+        self.replicator: Any = None
+        self.mounted = False
+        self._stop = threading.Event()
+
+    # -- opening -----------------------------------------------------------
+
+    def open(self) -> None:
+        """Open everything and catch up with the log; raise MountError with one line."""
+        from tidefs.fs.cache import DiskBlockCache
+        from tidefs.fs.data import DataPath
+        from tidefs.fs.ops import Invalidator, TideOps
+        from tidefs.journal.log import JournalError, open_log
+        from tidefs.replica.replica import Replica, fold_range
+        from tidefs.replica.state import State, StateError, StateLockedError
+        from tidefs.replica.store import open_store
+
+        cfg = self.cfg
+        try:
+            self.log = open_log(cfg.journal_url, cfg.volume)
+            self.log.head()
+        except JournalError as exc:
+            raise MountError(f"journal {cfg.journal_url} is not usable: {exc}") from exc
+        try:
+            os.makedirs(cfg.state_dir, exist_ok=True)
+            self.state = State.open(cfg.state_dir)
+        except StateLockedError as exc:
+            raise MountError(
+                f"state directory {cfg.state_dir} is in use by another tidefs mount"
+            ) from exc
+        except (OSError, StateError) as exc:
+            raise MountError(f"cannot open state directory {cfg.state_dir}: {exc}") from exc
+        vol = self.state.volume()
+        if vol is not None and vol.name != cfg.volume:
+            raise MountError(f"{cfg.state_dir} holds volume {vol.name!r}, not {cfg.volume!r}")
+        try:
+            fold_range(self.log, self.state)
+        except JournalError as exc:
+            raise MountError(f"cannot read the log of {cfg.volume!r}: {exc}") from exc
+        vol = self.state.volume()
+        if vol is None:
+            raise MountError(f"volume {cfg.volume!r} does not exist in {cfg.journal_url}")
+        if vol.region(cfg.region) is None:
+            names = ", ".join(r.name for r in vol.regions)
+            raise MountError(
+                f"region {cfg.region!r} is not a region of volume {cfg.volume!r} ({names})"
+            )
+        for r in vol.regions:
+            try:
+                self.stores[r.name] = open_store(r.store_url)
+            except Exception as exc:
+                if r.name == cfg.region:
+                    raise MountError(f"block store {r.store_url} is not usable: {exc}") from exc
+                log.warning("store of region %s (%s) not usable: %s", r.name, r.store_url, exc)
+        try:
+            self.stores[cfg.region].exists("blocks/00/0000000000000000/00000")
+        except Exception as exc:
+            raise MountError(f"block store of region {cfg.region} is not reachable: {exc}") from exc
+
+        self.replica = Replica(self.log, self.state, cfg.region)
+        replica = self.replica
+        try:
+            cache = DiskBlockCache(cfg.cache_dir, cfg.cache_size)
+        except OSError as exc:
+            raise MountError(f"cannot use cache directory {cfg.cache_dir}: {exc}") from exc
+        self.data = DataPath(
+            state=self.state,
+            submit=lambda command, rid: replica.submit(command, request_id=rid),
+            region=cfg.region,
+            chunk_size=vol.chunk_size,
+            block_size=vol.block_size,
+            stores=self.stores,
+            disk_cache=cache,
+            flush_interval=cfg.flush_interval,
+            compact_threshold=cfg.compact_threshold,
+        )
+        self.ops = TideOps(
+            state=self.state,
+            replica=self.replica,
+            data=self.data,
+            block_size=vol.block_size,
+            attr_timeout=cfg.attr_timeout,
+            entry_timeout=cfg.attr_timeout,
+            max_staleness=cfg.max_staleness,
+        )
+        self.invalidator = Invalidator()
+        self.replica.add_listener(self.invalidator.on_apply)
+        self.replica.start()
+        if cfg.replicate:
+            self.replicator = _start_replicator(self)
+        if cfg.metrics_port is not None:
+            try:
+                metrics.serve_prometheus(cfg.metrics_port)
+            except OSError as exc:
+                raise MountError(f"cannot serve metrics on port {cfg.metrics_port}: {exc}") from exc
+
+    # -- mounting and serving ----------------------------------------------
+
+    def mount(self) -> None:
+        """Make the kernel mount (pyfuse3.init); raise MountError on failure."""
+        import pyfuse3
+
+        cfg = self.cfg
+        options = {
+            "default_permissions",
+            f"fsname=tidefs:{cfg.volume}",
+            "subtype=tidefs",
+            "noatime",
+        }
+        if os.geteuid() == 0:
+            options.add("allow_other")
+        assert self.ops is not None
+        try:
+            pyfuse3.init(self.ops, cfg.mountpoint, options)
+        except RuntimeError as exc:
+            raise MountError(f"cannot mount at {cfg.mountpoint}: {exc}") from exc
+        self.mounted = True
+        _raise_readahead(cfg.mountpoint)
+
+    async def serve(self, on_ready: Callable[[], None]) -> None:
+        """Serve requests until unmounted or signalled, then flush while still mounted."""
+        import pyfuse3
+        import trio
+
+        assert self.invalidator is not None
+        self.invalidator.start()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flush_timer)
+            nursery.start_soon(self._signals)
+            if self.cfg.max_staleness is not None:
+                nursery.start_soon(self._lag_monitor)
+            on_ready()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        import pyfuse3
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("signal %d: flushing and unmounting", signum)
+                assert self.data is not None
+                await trio.to_thread.run_sync(self._flush_all)
+                if self.invalidator is not None:
+                    await trio.to_thread.run_sync(self.invalidator.stop)
+                pyfuse3.terminate()
+                return
+
+    async def _flush_timer(self) -> None:
+        import trio
+
+        assert self.data is not None
+        data = self.data
+        while True:
+            await trio.sleep(FLUSH_TICK)
+            for ino in data.due():
+                try:
+                    await trio.to_thread.run_sync(data.flush, ino)
+                except Exception as exc:  # kept buffered; retried next tick, reported on close
+                    log.warning("timed flush of inode %d failed: %s", ino, exc)
+
+    async def _lag_monitor(self) -> None:
+        import trio
+
+        while True:
+            try:
+                lag = await trio.to_thread.run_sync(self._measure_lag)
+            except Exception as exc:
+                log.debug("cannot measure lag: %s", exc)
+            else:
+                assert self.ops is not None
+                self.ops.lag_s = lag
+            await trio.sleep(0.25)
+
+    def _measure_lag(self) -> float:
+        assert self.log is not None and self.replica is not None
+        head = self.log.head()
+        applied = self.replica.applied
+        if applied >= head - 1:
+            return 0.0
+        records = self.log.read(applied + 1, max_records=1, timeout=0.0)
+        if not records:
+            return 0.0
+        return max(0.0, (time.time_ns() - records[0].timestamp_ns) / 1e9)
+
+    def _flush_all(self) -> None:
+        assert self.data is not None
+        for ino, exc in self.data.flush_all():
+            log.error("cannot flush inode %d: %s", ino, exc)
+
+    # -- closing -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush, unmount, and release everything; safe after a partial open."""
+        if self.invalidator is not None:
+            self.invalidator.stop()
+        if self.data is not None:
+            for ino, exc in self.data.close():
+                log.error("writes to inode %d could not be flushed: %s", ino, exc)
+        if self.ops is not None:
+            self.ops.reclaim_held()
+        if self.mounted:
+            import pyfuse3
+
+            with contextlib.suppress(Exception):
+                pyfuse3.close(unmount=True)
+            self.mounted = False
+        if self.replicator is not None:
+            with contextlib.suppress(Exception):
+                self.replicator.stop()
+        if self.replica is not None:
+            self.replica.stop()
+        for store in self.stores.values():
+            with contextlib.suppress(Exception):
+                store.close()
+        if self.state is not None:
+            self.state.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def _start_replicator(m: Mount) -> Any:
+    """Start the block replicator of this region, when this tidefs has one."""
+    try:
+        replicator = importlib.import_module("tidefs.replica.replicator")
+    except ImportError:
+        log.info("no block replicator in this build: reads fall back to home regions")
+        return None
+    try:
+        return replicator.start_for_mount(m.log, m.state, m.cfg.region, m.stores)
+    except Exception as exc:
+        log.warning("block replicator did not start: %s", exc)
+        return None
+
+
+def _raise_readahead(mountpoint: str, kib: int = 16384) -> None:
+    """Best effort: let the kernel read ahead further than FUSE's 128 KiB default.
+
+    Found through /proc/self/mountinfo, not stat, because the loop is not yet
+    serving: a stat of the mount point would wait for it forever.
+    """
+    # realpath would lstat the mount point itself: resolve only its parent.
+    real = os.path.join(
+        os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint)
+    )
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == real:
+                    dev = fields[2]
+            path = f"/sys/class/bdi/{dev}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(kib))
+    except (OSError, UnboundLocalError) as exc:
+        log.debug("cannot raise readahead: %s", exc)
+
+
+# -- run_mount -----------------------------------------------------------------
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        while data:
+            data = data[os.write(fd, data) :]
+
+
+def _serve(cfg: MountConfig, notify_fds: Sequence[int], *, echo_errors: bool) -> int:
+    """Open, mount and serve in this process; return the exit code."""
+    import trio
+
+    def report_error(message: str) -> None:
+        log.error("%s", message)
+        for fd in notify_fds:
+            _write_all(fd, f"error {message}\n".encode())
+        if echo_errors:
+            print(f"tidefs mount: {message}", file=sys.stderr)
+
+    def stop_early(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # Until the loop's own signal receiver takes over: leave through `finally`.
+    signal.signal(signal.SIGTERM, stop_early)
+    m = Mount(cfg)
+    try:
+        try:
+            m.open()
+            m.mount()
+        except MountError as exc:
+            report_error(str(exc))
+            return 1
+        except Exception as exc:  # an unexpected failure still gets its one line
+            log.exception("mount failed")
+            report_error(f"{type(exc).__name__}: {exc}")
+            return 1
+        _write_record(cfg)
+
+        def ready() -> None:
+            for fd in notify_fds:
+                _write_all(fd, READY)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+        trio.run(m.serve, ready)
+        return 0
+    finally:
+        m.close()
+        _remove_record(cfg)
+
+
+def run_mount(
+    volume: str,
+    mountpoint: str,
+    *,
+    journal_url: str,
+    region: str,
+    state_dir: str | None = None,
+    cache_dir: str | None = None,
+    cache_size: int = 1 << 30,
+    foreground: bool = False,
+    replicate: bool = True,
+    max_staleness: float | None = None,
+    metrics_port: int | None = None,
+    ready_fd: int | None = None,
+    flush_interval: float = 2.0,
+    compact_threshold: int = 16,
+) -> int:
+    """Mount `volume` at `mountpoint` for `region`; return the process exit code.
+
+    In the foreground, serve until unmounted or signalled. Otherwise return 0
+    once a daemon serves the mount, or 1 with its error line on stderr.
+    `ready_fd`, when given, receives b"ready\\n" once the mount serves (or an
+    "error ..." line) and is closed.
+    """
+    cfg = MountConfig(
+        volume=volume,
+        mountpoint=canonical_mountpoint(mountpoint),
+        journal_url=journal_url,
+        region=region,
+        state_dir=os.path.abspath(state_dir or default_state_dir(volume, region)),
+        cache_dir=os.path.abspath(cache_dir or default_cache_dir(volume, region)),
+        cache_size=cache_size,
+        replicate=replicate,
+        max_staleness=max_staleness,
+        metrics_port=metrics_port,
+        flush_interval=flush_interval,
+        compact_threshold=compact_threshold,
+    )
+    try:
+        check_config(cfg)
+    except MountError as exc:
+        print(f"tidefs mount: {exc}", file=sys.stderr)
+        if ready_fd is not None:
+            _write_all(ready_fd, f"error {exc}\n".encode())
+        return 1
+    notify = [ready_fd] if ready_fd is not None else []
+    if foreground:
+        return _serve(cfg, notify, echo_errors=True)
+    return _daemonize(cfg, notify)
+
+
+def _daemonize(cfg: MountConfig, notify: list[int]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # first child: become a session leader, fork again, and go
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            if os.fork() > 0:
+                os._exit(0)
+            _detach_stdio(cfg)
+            code = _serve(cfg, [w, *notify], echo_errors=False)
+        except BaseException:
+            log.exception("mount daemon failed")
+        finally:
+            os._exit(code)
+    os.close(w)
+    os.waitpid(pid, 0)
+    line = _read_line(r)
+    os.close(r)
+    if line == READY:
+        return 0
+    message = line.decode(errors="replace").strip().removeprefix("error ").strip()
+    print(
+        f"tidefs mount: {message or 'the mount process exited before it was ready'}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+def _read_line(fd: int) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def _detach_stdio(cfg: MountConfig) -> None:
+    """Point stdio at /dev/null and the log at the state directory's mount.log."""
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.FileHandler(os.path.join(cfg.state_dir, "mount.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+
+
+# -- the record that lets umount find the daemon --------------------------------
+
+
+def _write_record(cfg: MountConfig) -> None:
+    record = {"pid": os.getpid(), "mountpoint": cfg.mountpoint, "state_dir": cfg.state_dir}
+    path = _record_path(cfg.mountpoint)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(record, f)
+        with open(os.path.join(cfg.state_dir, "mount.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError as exc:
+        log.warning("cannot record the mount for umount: %s", exc)
+
+
+def _remove_record(cfg: MountConfig) -> None:
+    for path in (_record_path(cfg.mountpoint), os.path.join(cfg.state_dir, "mount.pid")):
+        with contextlib.suppress(OSError):
+            with open(path) as f:
+                text = f.read()
+            if str(os.getpid()) in text:
+                os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def umount(mountpoint: str, *, timeout: float = 60.0) -> int:
+    """Flush and unmount a tidefs mount; return the exit code (errors as one stderr line).
+
+    The daemon serving `mountpoint` is asked to stop (SIGTERM), which flushes
+    every buffered write before it unmounts; this waits until it has exited.
+    A mount without a live daemon is detached with fusermount3.
+    """
+    mp = canonical_mountpoint(mountpoint)
+    pid = None
+    with contextlib.suppress(OSError, ValueError, KeyError), open(_record_path(mp)) as f:
+        pid = int(json.load(f)["pid"])
+    if pid is not None and _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            print(
+                f"tidefs umount: the mount of {mp} did not stop within {timeout:g}s",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    if not os.path.ismount(mp):
+        print(f"tidefs umount: {mp} is not mounted", file=sys.stderr)
+        return 1
+    lazy = pid is not None  # the daemon died: nothing left to flush, detach it
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mp]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+        print(f"tidefs umount: {why}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# -- python -m tidefs.fs.mount -------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Mount from the command line (the test harness's entry point; `tidefs mount` is the CLI's)."""
+    p = argparse.ArgumentParser(prog="python -m tidefs.fs.mount")
+    p.add_argument("volume")
+    p.add_argument("mountpoint")
+    p.add_argument("--journal", required=True)
+    p.add_argument("--region", required=True)
+    p.add_argument("--state-dir")
+    p.add_argument("--cache-dir")
+    p.add_argument("--cache-size", type=int, default=1 << 30)
+    p.add_argument("--foreground", "-f", action="store_true")
+    p.add_argument("--no-replicate", dest="replicate", action="store_false")
+    p.add_argument("--max-staleness", type=float)
+    p.add_argument("--metrics-port", type=int)
+    p.add_argument("--ready-fd", type=int)
+    p.add_argument("--flush-interval", type=float, default=2.0)
+    p.add_argument("--compact-threshold", type=int, default=16)
+    p.add_argument("--umount", action="store_true", help="unmount MOUNTPOINT instead")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="tidefs: %(levelname)s %(name)s: %(message)s",
+    )
+    if args.umount:
+        return umount(args.mountpoint)
+    return run_mount(
+        args.volume,
+        args.mountpoint,
+        journal_url=args.journal,
+        region=args.region,
+        state_dir=args.state_dir,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        foreground=args.foreground,
+        replicate=args.replicate,
+        max_staleness=args.max_staleness,
+        metrics_port=args.metrics_port,
+        ready_fd=args.ready_fd,
+        flush_interval=args.flush_interval,
+        compact_threshold=args.compact_threshold,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

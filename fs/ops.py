@@ -1,0 +1,668 @@
+"""The FUSE edge: pyfuse3 request handlers that turn syscalls into commands and reads.
+
+Each handler is short. Metadata reads come from the region's state; each
+mutation is one command through `Replica.submit`, whose outcome (decided by
+the fold, identical in every region) becomes the syscall's result; file data
+goes through `DataPath`. Everything that blocks — RocksDB, the stores, log
+appends and the wait for the fold — runs in a worker thread, so that one slow
+call never stalls the mount. `FUSEError(errno)` is the only exception that
+leaves a handler: errors of the layers below are mapped to an errno here, once.
+
+After a mutation the handler reads the attributes back from the state: the
+submit returned only once this region had folded the command, so that is
+read-your-writes, and the kernel caches exactly what the log says.
+
+The kernel checks permissions itself (`default_permissions`), including the
+sticky bit; the handlers set what only the file system can: owner and group
+of new nodes (the caller's, or the directory's group under a setgid
+directory), and the setgid bit that new subdirectories inherit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from tidefs.fs import metrics
+from tidefs.fs.data import DataError, DataPath
+from tidefs.journal.commands import (
+    NAME_MAX,
+    Command,
+    Link,
+    Mkdir,
+    Mknod,
+    Noop,
+    Outcome,
+    Reclaim,
+    RemoveXattr,
+    Rename,
+    Rmdir,
+    SetAttr,
+    SetXattr,
+    Symlink,
+    Unlink,
+)
+from tidefs.journal.commands import (
+    RENAME_EXCHANGE as CMD_RENAME_EXCHANGE,
+)
+from tidefs.journal.commands import (
+    RENAME_NOREPLACE as CMD_RENAME_NOREPLACE,
+)
+
+if TYPE_CHECKING:
+    from tidefs.replica.keys import Attr
+    from tidefs.replica.replica import Replica
+    from tidefs.replica.state import ApplyResult, State
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+READDIR_BATCH = 256
+"""Directory entries read from the state per worker-thread trip."""
+
+STAT_BLKSIZE = 1 << 20
+"""st_blksize: stdio and most tools size their buffers from it; large writes are cheap here."""
+
+
+def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Map every failure of a handler to FUSEError and record its latency.
+
+    A bug must not take the mount down or leak a Python exception to pyfuse3
+    (which would log and return EIO anyway): it is logged with its traceback
+    and the syscall fails with EIO.
+    """
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except DataError as exc:
+            if exc.errno == errno.EIO:
+                log.error("%s: %s", name, exc)
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except Exception:
+            log.exception("%s failed", name)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            metrics.FUSE_OP_LATENCY.record(time.perf_counter() - started, {"op": name})
+
+    return wrapper
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+
+class TideOps(pyfuse3.Operations):
+    """The request handlers of one mount of one volume in one region."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False  # close-to-open needs every write to reach us
+    enable_acl = False
+
+    def __init__(
+        self,
+        *,
+        state: State,
+        replica: Replica,
+        data: DataPath,
+        block_size: int,
+        attr_timeout: float = 1.0,
+        entry_timeout: float = 1.0,
+        max_staleness: float | None = None,
+        threads: int = 64,
+    ) -> None:
+        super().__init__()
+        self.state = state
+        self.replica = replica
+        self.data = data
+        self.block_size = block_size
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self.max_staleness = max_staleness
+        self.lag_s = 0.0
+        self._limiter = trio.CapacityLimiter(threads)
+        self._dirs: dict[int, int] = {}
+        self._dir_open: dict[int, int] = {}
+        self._next_dir_fh = 1
+        self._lock = threading.Lock()
+
+    # -- plumbing ------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., R], *args: Any) -> R:
+        """Run blocking `fn(*args)` on a worker thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def _submit(self, command: Command) -> Outcome:
+        """Submit a command (worker thread); raise FUSEError with the fold's errno."""
+        try:
+            outcome = self.replica.submit(command)
+        except Exception as exc:
+            log.error("cannot submit %s: %s", type(command).__name__, exc)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if not outcome.ok:
+            raise pyfuse3.FUSEError(outcome.errno)
+        return outcome
+
+    def _attr(self, ino: int) -> Attr:
+        attr = self.state.getattr(ino)
+        if attr is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return attr
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        """Build the kernel's view of an inode: the state's, plus writes still buffered here."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = attr.generation
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        size, mtime, ctime = attr.size, attr.mtime_ns, attr.ctime_ns
+        pending = self.data.pending(attr.ino) if stat.S_ISREG(attr.mode) else None
+        if pending is not None:
+            size = max(size, pending[0])
+            mtime = max(mtime, pending[1])
+            ctime = max(ctime, pending[1])
+        e.st_size = size
+        e.st_blksize = STAT_BLKSIZE
+        e.st_blocks = (size + 511) // 512
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = mtime
+        e.st_ctime_ns = ctime
+        return e
+
+    def _entry_of(self, ino: int) -> pyfuse3.EntryAttributes:
+        return self._entry(self._attr(ino))
+
+    async def _fresh(self) -> None:
+        """With a staleness bound, wait while this region lags the log by more than it."""
+        if self.max_staleness is not None and self.lag_s > self.max_staleness:
+            await self._run(self.replica.barrier, 60.0)
+
+    def _is_open(self, ino: int) -> bool:
+        with self._lock:
+            if self._dir_open.get(ino, 0) > 0:
+                return True
+        return self.data.is_open(ino)
+
+    def _maybe_reclaim(self, ino: int | None) -> None:
+        """Drop an inode that has no name left and that this mount does not hold open."""
+        if ino is None or self._is_open(ino):
+            return
+        attr = self.state.getattr(ino)
+        if attr is None or attr.nlink > 0:
+            return
+        try:
+            outcome = self.replica.submit(Reclaim(inode=ino))
+        except Exception as exc:  # the orphan stays; a later release or gc retries
+            log.warning("cannot reclaim inode %d: %s", ino, exc)
+            return
+        if not outcome.ok and outcome.errno != errno.ENOENT:
+            log.warning("reclaim of inode %d rejected: errno %d", ino, outcome.errno)
+
+    def reclaim_held(self) -> None:
+        """At shutdown: drop the unlinked files this mount still held open (worker thread)."""
+        for ino in self.data.open_inodes():
+            attr = self.state.getattr(ino)
+            if attr is not None and attr.nlink == 0:
+                try:
+                    self.replica.submit(Reclaim(inode=ino))
+                except Exception as exc:
+                    log.warning("cannot reclaim inode %d: %s", ino, exc)
+
+    def _new_node(
+        self, parent: int, uid: int, gid: int, make: Callable[[int, int, int], Command]
+    ) -> pyfuse3.EntryAttributes:
+        """Create a node with `make(uid, gid, parent_mode)`; return its entry (worker thread)."""
+        p = self._attr(parent)
+        if not p.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if p.mode & stat.S_ISGID:
+            gid = p.gid  # BSD group semantics under a setgid directory
+        outcome = self._submit(make(uid, gid, p.mode))
+        return self._entry_of(outcome.inode)
+
+    # -- lookups and attributes ------------------------------------------------
+
+    @handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_name(name)
+        await self._fresh()
+        return await self._run(self._lookup, parent_inode, name)
+
+    def _lookup(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._entry_of(parent)
+        if name == b"..":
+            up = self.state.parent(parent)
+            return self._entry_of(up if up is not None else parent)
+        child = self.state.lookup(parent, name)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry_of(child)
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._fresh()
+        return await self._run(self._entry_of, inode)
+
+    @handler
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        return await self._run(self._setattr, inode, attr, fields)
+
+    def _setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> pyfuse3.EntryAttributes:
+        current = self._attr(inode)
+        size = None
+        if fields.update_size:
+            if current.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if not current.is_reg:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            # Buffered writes precede the truncate: commit them first, in order.
+            self.data.flush(inode)
+            size = attr.st_size
+        command = SetAttr(
+            inode=inode,
+            mode=(stat.S_IFMT(current.mode) | (attr.st_mode & 0o7777))
+            if fields.update_mode
+            else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=size,
+            atime=attr.st_atime_ns if fields.update_atime else None,
+            mtime=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        if command != SetAttr(inode=inode):
+            self._submit(command)
+        elif fields.update_ctime:
+            # Only ctime asked for (the kernel's "touch ctime"): nothing to record.
+            pass
+        return self._entry_of(inode)
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        target = await self._run(self.state.readlink, inode)
+        if target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return bytes(target)
+
+    @handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        attr = await self._run(self._attr, inode)
+        return _may_access(attr, mode, ctx)
+
+    # -- creating and removing names -------------------------------------------
+
+    @handler
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_name(name)
+        return await self._run(
+            self._new_node,
+            parent_inode,
+            ctx.uid,
+            ctx.gid,
+            lambda uid, gid, _pm: Mknod(parent_inode, name, mode, uid, gid, rdev, exclusive=True),
+        )
+
+    @handler
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_name(name)
+
+        def make(uid: int, gid: int, parent_mode: int) -> Command:
+            m = stat.S_IFDIR | (mode & 0o7777)
+            if parent_mode & stat.S_ISGID:
+                m |= stat.S_ISGID  # subdirectories of a setgid directory stay setgid
+            return Mkdir(parent_inode, name, m, uid, gid)
+
+        return await self._run(self._new_node, parent_inode, ctx.uid, ctx.gid, make)
+
+    @handler
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_name(name)
+        return await self._run(
+            self._new_node,
+            parent_inode,
+            ctx.uid,
+            ctx.gid,
+            lambda uid, gid, _pm: Symlink(parent_inode, name, target, uid, gid),
+        )
+
+    @handler
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        _check_name(new_name)
+
+        def run() -> pyfuse3.EntryAttributes:
+            self._submit(Link(inode, new_parent_inode, new_name))
+            return self._entry_of(inode)
+
+        return await self._run(run)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        _check_name(name)
+        await self._run(self._remove, Unlink(parent_inode, name), parent_inode, name)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        _check_name(name)
+        await self._run(self._remove, Rmdir(parent_inode, name), parent_inode, name)
+
+    def _remove(self, command: Command, parent: int, name: bytes) -> None:
+        victim = self.state.lookup(parent, name)
+        self._submit(command)
+        self._maybe_reclaim(victim)
+
+    @handler
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        _check_name(name_old)
+        _check_name(name_new)
+        cmd_flags = 0
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            cmd_flags |= CMD_RENAME_NOREPLACE
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            cmd_flags |= CMD_RENAME_EXCHANGE
+        if flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        command = Rename(parent_inode_old, name_old, parent_inode_new, name_new, cmd_flags)
+
+        def run() -> None:
+            victim = None
+            if not cmd_flags & CMD_RENAME_EXCHANGE:
+                victim = self.state.lookup(parent_inode_new, name_new)
+            self._submit(command)
+            if victim is not None and victim != self.state.lookup(parent_inode_new, name_new):
+                self._maybe_reclaim(victim)
+
+        await self._run(run)
+
+    # -- files -------------------------------------------------------------------
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        await self._fresh()
+        fh = self.data.open(inode, flags)
+        # Page cache survives reopen: remote changes invalidate it (see Invalidator).
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        _check_name(name)
+        exclusive = bool(flags & os.O_EXCL)
+        entry = await self._run(
+            self._new_node,
+            parent_inode,
+            ctx.uid,
+            ctx.gid,
+            lambda uid, gid, _pm: Mknod(
+                parent_inode, name, stat.S_IFREG | (mode & 0o7777), uid, gid, 0, exclusive
+            ),
+        )
+        fh = self.data.open(entry.st_ino, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        await self._fresh()
+        return await self._run(self.data.read, fh, off, size)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self._run(self.data.write, fh, off, buf)
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        await self._run(self.data.flush, self.data.inode_of(fh))
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self._run(self.data.flush, self.data.inode_of(fh))
+
+    @handler
+    async def release(self, fh: int) -> None:
+        def run() -> None:
+            ino, last = self.data.release(fh)
+            if last:
+                self._maybe_reclaim(ino)
+
+        await self._run(run)
+
+    # -- directories ---------------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self._fresh()
+        with self._lock:
+            fh = self._next_dir_fh
+            self._next_dir_fh += 1
+            self._dirs[fh] = inode
+            self._dir_open[inode] = self._dir_open.get(inode, 0) + 1
+        return fh
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ino = self._dirs.get(fh)
+        if ino is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        cookie = start_id
+        while True:
+            batch = await self._run(self._readdir_batch, ino, cookie)
+            for next_cookie, name, entry in batch:
+                if not pyfuse3.readdir_reply(token, name, entry, next_cookie):
+                    return
+                cookie = next_cookie
+            if len(batch) < READDIR_BATCH:
+                return
+
+    def _readdir_batch(
+        self, ino: int, after: int
+    ) -> list[tuple[int, bytes, pyfuse3.EntryAttributes]]:
+        out: list[tuple[int, bytes, pyfuse3.EntryAttributes]] = []
+        if after < 1:
+            out.append((1, b".", self._entry_of(ino)))
+        if after < 2:
+            up = self.state.parent(ino)
+            out.append((2, b"..", self._entry_of(up if up is not None else ino)))
+        for cookie, name, child in self.state.readdir(ino, max(after, 0)):
+            attr = self.state.getattr(child)
+            if attr is not None:  # removed under our feet: skip, never fail the listing
+                out.append((cookie, name, self._entry(attr)))
+            if len(out) >= READDIR_BATCH:
+                break
+        return out
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        with self._lock:
+            ino = self._dirs.pop(fh, None)
+            if ino is None:
+                return
+            left = self._dir_open.get(ino, 1) - 1
+            if left > 0:
+                self._dir_open[ino] = left
+            else:
+                self._dir_open.pop(ino, None)
+        if left <= 0:
+            await self._run(self._maybe_reclaim, ino)
+
+    @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        # Every metadata change was durable in the log before its call returned.
+        return None
+
+    # -- extended attributes ---------------------------------------------------------
+
+    @handler
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self._run(self._submit, SetXattr(inode, name, value, 0))
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        value = await self._run(self.state.getxattr, inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+        return bytes(value)
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return [bytes(n) for n in await self._run(self.state.listxattr, inode)]
+
+    @handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._run(self._submit, RemoveXattr(inode, name))
+
+    # -- the file system -------------------------------------------------------------
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # Capacity is the object store's, which is unbounded: report a large,
+        # constant size so that tools which check free space proceed.
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = STAT_BLKSIZE
+        s.f_frsize = 4096
+        s.f_blocks = 1 << 40  # 4 PiB in 4 KiB fragments
+        s.f_bfree = s.f_blocks
+        s.f_bavail = s.f_blocks
+        s.f_files = 1 << 40
+        s.f_ffree = s.f_files
+        s.f_favail = s.f_files
+        s.f_namemax = NAME_MAX
+        return s
+
+    def barrier(self) -> None:
+        """Wait until this region has applied everything appended so far (worker thread)."""
+        self.replica.submit(Noop("barrier"))
+
+
+class Invalidator:
+    """Tell the kernel what the fold changed, from a thread of its own.
+
+    The fold's listener runs on the follower thread, which every submit waits
+    for; `invalidate_entry` blocks while the kernel runs a related request
+    (say, a mkdir in the same directory, itself waiting for the fold). So the
+    listener only queues, and this thread talks to the kernel.
+
+    Every change is invalidated, this mount's own included: an apply result
+    does not say which region wrote what, and dropping a cache entry the
+    kernel could have kept costs one lookup, while keeping a stale one would
+    show another region's file as it was.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[frozenset[int], frozenset[tuple[int, bytes]]] | None]
+        self._queue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._active = False
+
+    def on_apply(self, result: ApplyResult) -> None:
+        """Replica listener: queue what changed (follower thread; never blocks)."""
+        if self._active and (result.changed_inodes or result.changed_entries):
+            self._queue.put((result.changed_inodes, result.changed_entries))
+
+    def start(self) -> None:
+        """Start invalidating; call once the kernel mount exists."""
+        self._active = True
+        self._thread = threading.Thread(target=self._run, name="tidefs-invalidate", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop before the FUSE session closes: a notification after that would crash."""
+        self._active = False
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None or not self._active:
+                return
+            inodes, entries = item
+            for parent, name in entries:
+                if not self._active:
+                    return
+                with contextlib.suppress(OSError):  # ENOENT: the kernel never saw it
+                    pyfuse3.invalidate_entry(parent, name)
+            for ino in inodes:
+                if not self._active:
+                    return
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(ino)
+
+
+def _may_access(attr: Attr, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    """Decide access(2) as the kernel would under default_permissions."""
+    if mode == os.F_OK:
+        return True
+    if ctx.uid == 0:
+        # root may read and write anything, and execute what anyone may execute
+        return not (mode & os.X_OK) or attr.is_dir or bool(attr.mode & 0o111)
+    if ctx.uid == attr.uid:
+        bits = (attr.mode >> 6) & 7
+    elif ctx.gid == attr.gid or attr.gid in _groups(ctx.pid):
+        bits = (attr.mode >> 3) & 7
+    else:
+        bits = attr.mode & 7
+    return (mode & bits) == mode
+
+
+def _groups(pid: int) -> set[int]:
+    try:
+        return pyfuse3.get_sup_groups(pid)
+    except Exception:  # the process may be gone already
+        return set()

@@ -1,0 +1,125 @@
+"""Creating a volume: the one command that must be first in its log.
+
+A volume exists once its log holds a `CreateVolume` record at offset 0; every
+region that later mounts it folds that record first and learns the volume's
+regions, chunk and block sizes from it. `format_volume` is the single code path
+that writes it, shared by `tidefs format` and the test harness, so that a test
+volume is made exactly as a user's is.
+
+Formatting checks what it can before it appends, because a record in the log
+is forever: the regions and sizes are validated, and the stores are probed so
+that a typo in a store URL fails here, not at the first write of some mount.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tidefs.journal import codec
+from tidefs.journal.commands import CreateVolume, Envelope, Region
+from tidefs.journal.log import open_log
+from tidefs.replica.blocks import MAX_BLOCK_SIZE
+
+DEFAULT_CHUNK_SIZE = 64 << 20
+"""Bytes of file data per chunk (DESIGN: files are cut into 64 MiB chunks)."""
+
+DEFAULT_BLOCK_SIZE = 4 << 20
+"""Largest block of a slice; blocks are the unit of upload, cache and replication."""
+
+DEFAULT_RETENTION_S = 7 * 24 * 3600
+"""How long unreferenced blocks are kept before gc, so that a replay can bring files back."""
+
+
+class VolumeError(Exception):
+    """A volume could not be formatted (bad layout, or it exists already)."""
+
+
+class VolumeExistsError(VolumeError):
+    """The volume's log is not empty: a volume of that name was formatted before."""
+
+
+def validate_layout(
+    regions: Sequence[Region], primary: str, chunk_size: int, block_size: int
+) -> None:
+    """Raise VolumeError unless the regions and sizes make a usable volume."""
+    if not regions:
+        raise VolumeError("a volume needs at least one region")
+    names = [r.name for r in regions]
+    if len(set(names)) != len(names):
+        raise VolumeError(f"duplicate region names in {names}")
+    for r in regions:
+        if not r.name or "/" in r.name or r.name != r.name.strip():
+            raise VolumeError(f"invalid region name {r.name!r}")
+        if not r.store_url:
+            raise VolumeError(f"region {r.name!r} has no store URL")
+    if primary not in names:
+        raise VolumeError(f"primary region {primary!r} is not one of {names}")
+    if not 0 < block_size <= MAX_BLOCK_SIZE:
+        raise VolumeError(f"block size must be in (0, {MAX_BLOCK_SIZE}], not {block_size}")
+    if chunk_size < block_size or chunk_size % block_size:
+        raise VolumeError(
+            f"chunk size {chunk_size} must be a positive multiple of the block size {block_size}"
+        )
+
+
+def probe_store(url: str) -> None:
+    """Raise VolumeError when the block store at `url` cannot be opened or listed."""
+    from tidefs.replica.store import open_store
+
+    try:
+        store = open_store(url)
+        store.exists("blocks/00/0000000000000000/00000")
+    except Exception as exc:  # any failure means "unusable store", said once
+        raise VolumeError(f"block store {url} is not reachable: {exc}") from exc
+
+
+def format_volume(
+    journal_url: str,
+    volume: str,
+    regions: Sequence[Region],
+    primary: str,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    retention_s: int = DEFAULT_RETENTION_S,
+    root_mode: int = 0o40755,
+    root_uid: int = 0,
+    root_gid: int = 0,
+    check_stores: bool = True,
+) -> None:
+    """Create `volume` in the log at `journal_url`, with its regions and layout.
+
+    Raises VolumeExistsError when the log already holds records, VolumeError for
+    a bad layout or an unreachable store, and the journal's errors as they are.
+    Two concurrent formats cannot both win: only a record at offset 0 creates
+    the volume (the fold rejects a later CreateVolume), so the loser is told.
+    """
+    if not volume or "/" in volume:
+        raise VolumeError(f"invalid volume name {volume!r}")
+    validate_layout(regions, primary, chunk_size, block_size)
+    if check_stores:
+        for r in regions:
+            probe_store(r.store_url)
+    command = CreateVolume(
+        name=volume,
+        regions=tuple(regions),
+        primary=primary,
+        chunk_size=chunk_size,
+        block_size=block_size,
+        retention_s=retention_s,
+        root_mode=root_mode,
+        root_uid=root_uid,
+        root_gid=root_gid,
+    )
+    with open_log(journal_url, volume) as log_:
+        if log_.head() > 0:
+            raise VolumeExistsError(f"volume {volume!r} already exists in {journal_url}")
+        now = time.time_ns()
+        payload = codec.encode(Envelope(command=command, origin=primary, timestamp_ns=now))
+        offset = log_.append(payload, now)
+        first = log_.start()
+    if offset != first:
+        raise VolumeExistsError(
+            f"volume {volume!r} was formatted concurrently in {journal_url}; this format lost"
+        )
