@@ -83,6 +83,71 @@ def parse_size(text: str) -> int:
 # -- subcommands -----------------------------------------------------------
 
 
+def _region_spec(text: str) -> tuple[str, str]:
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise argparse.ArgumentTypeError(f"expected NAME=STORE_URL, not {text!r}")
+    return name, url
+
+
+def parse_duration(text: str) -> int:
+    """Parse a duration such as 7d, 12h, 30m or 3600 (seconds) into seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    t = text.strip().lower()
+    unit = t[-1:] if t[-1:] in units else "s"
+    try:
+        return int(float(t.rstrip("smhdw")) * units[unit])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r}") from exc
+
+
+def cmd_format(args: argparse.Namespace) -> int:
+    from tidefs.fs.volume import VolumeError, format_volume
+    from tidefs.journal.commands import Region
+
+    regions = [Region(name, url) for name, url in args.region]
+    primary = args.primary or regions[0].name
+    try:
+        format_volume(
+            args.journal,
+            args.volume,
+            regions,
+            primary,
+            chunk_size=args.chunk_size,
+            block_size=args.block_size,
+            retention_s=args.retention,
+        )
+    except VolumeError as exc:
+        raise CliError(str(exc)) from exc
+    names = ", ".join(r.name for r in regions)
+    print(f"formatted volume {args.volume} (regions {names}; primary {primary})")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from tidefs.fs.mount import run_mount
+
+    return run_mount(
+        args.volume,
+        args.mountpoint,
+        journal_url=args.journal,
+        region=args.region,
+        state_dir=args.state_dir,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        foreground=args.foreground,
+        replicate=args.replicate,
+        max_staleness=args.max_staleness,
+        metrics_port=args.metrics_port,
+    )
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from tidefs.fs.mount import umount
+
+    return umount(args.mountpoint, timeout=args.timeout)
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from tidefs.journal import codec
     from tidefs.journal.log import open_log
@@ -197,6 +262,58 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="URL",
             help="the metadata log: sqlite:///path/log.db or kafka://host:port[,host:port]",
         )
+
+    sp = sub.add_parser("format", help="create a volume: its regions, stores and layout")
+    sp.add_argument("volume")
+    journal_arg(sp)
+    sp.add_argument(
+        "--region",
+        required=True,
+        action="append",
+        type=_region_spec,
+        metavar="NAME=STORE_URL",
+        help="a region and its block store (file:///dir or s3://bucket/prefix?endpoint=URL); repeat",
+    )
+    sp.add_argument("--primary", metavar="NAME", help="the primary region (default: the first)")
+    sp.add_argument("--chunk-size", type=parse_size, default=64 << 20, metavar="SIZE")
+    sp.add_argument("--block-size", type=parse_size, default=4 << 20, metavar="SIZE")
+    sp.add_argument(
+        "--retention",
+        type=parse_duration,
+        default=7 * 86400,
+        metavar="DURATION",
+        help="how long unreferenced blocks are kept for restores (default 7d)",
+    )
+    sp.set_defaults(func=cmd_format)
+
+    sp = sub.add_parser("mount", help="mount a volume for one region")
+    sp.add_argument("volume")
+    sp.add_argument("mountpoint")
+    journal_arg(sp)
+    sp.add_argument("--region", required=True, metavar="NAME")
+    sp.add_argument("--state-dir", metavar="DIR", help="the region's RocksDB state")
+    sp.add_argument("--cache-dir", metavar="DIR", help="the on-disk block cache")
+    sp.add_argument("--cache-size", type=parse_size, default=1 << 30, metavar="SIZE")
+    sp.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    sp.add_argument(
+        "--no-replicate",
+        dest="replicate",
+        action="store_false",
+        help="do not run the block replicator in this mount",
+    )
+    sp.add_argument(
+        "--max-staleness",
+        type=float,
+        metavar="SECONDS",
+        help="reads wait while the local fold lags the log head by more than this",
+    )
+    sp.add_argument("--metrics-port", type=int, metavar="PORT")
+    sp.set_defaults(func=cmd_mount)
+
+    sp = sub.add_parser("umount", help="flush and unmount a tidefs mount")
+    sp.add_argument("mountpoint")
+    sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    sp.set_defaults(func=cmd_umount)
 
     sp = sub.add_parser("log", help="print the decoded records of a volume's log")
     sp.add_argument("volume")
