@@ -392,9 +392,7 @@ def _raise_readahead(mountpoint: str, kib: int = 16384) -> None:
     serving: a stat of the mount point would wait for it forever.
     """
     # realpath would lstat the mount point itself: resolve only its parent.
-    real = os.path.join(
-        os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint)
-    )
+    real = os.path.join(os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint))
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:

@@ -431,9 +431,19 @@ class TideOps(pyfuse3.Operations):
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         await self._fresh()
+        if flags & os.O_TRUNC:
+            # libfuse asks for atomic O_TRUNC: the kernel sends no setattr, the
+            # truncate is ours to do, with mtime/ctime set as open(2) does.
+            await self._run(self._truncate_on_open, inode)
         fh = self.data.open(inode, flags)
         # Page cache survives reopen: remote changes invalidate it (see Invalidator).
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def _truncate_on_open(self, inode: int) -> None:
+        if not self._attr(inode).is_reg:
+            return
+        self.data.flush(inode)
+        self._submit(SetAttr(inode=inode, size=0, mtime_now=True))
 
     @handler
     async def create(
