@@ -148,6 +148,35 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return umount(args.mountpoint, timeout=args.timeout)
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from tidefs.replica.status import read_status
+
+    regions = read_status(args.journal, args.volume)
+    if args.json:
+        print(json.dumps({name: st.as_dict() for name, st in regions.items()}, sort_keys=True))
+        return 0
+    if not regions:
+        print(f"no region of volume {args.volume} has published its status yet")
+        return 0
+    print(
+        f"{'region':<12} {'applied':>9} {'lag rec':>8} {'lag s':>7} {'backlog':>8} "
+        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8}"
+    )
+    for st in regions.values():
+        print(
+            f"{st.region:<12} {st.applied_offset:>9} {st.lag_records:>8} {st.lag_seconds:>7.2f} "
+            f"{st.backlog_blocks:>8} {st.backlog_bytes:>10} {st.backlog_oldest_s:>8.1f} "
+            f"{st.fallback_reads:>8}"
+        )
+        if st.state_before_log_start:
+            print(
+                f"warning: region {st.region} is at offset {st.applied_offset}, older than the "
+                "log's start: it must restart from a snapshot",
+                file=sys.stderr,
+            )
+    return 0
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from tidefs.journal import codec
     from tidefs.journal.log import open_log
@@ -333,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_replay)
+
+    sp = sub.add_parser("status", help="lag, backlog and fallback reads of every region")
+    sp.add_argument("volume")
+    journal_arg(sp)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
 
     sp = sub.add_parser("digest", help="print the applied offset and digest of a state directory")
     sp.add_argument("--state-dir", required=True, metavar="DIR")

@@ -112,6 +112,7 @@ class Replica:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._paused = threading.Event()
+        self._parked = threading.Event()
         self.error: BaseException | None = None
         self.last_record_ns = 0
         self.applied_at_ns = 0
@@ -135,9 +136,16 @@ class Replica:
             self._thread.join()
             self._thread = None
 
-    def pause(self) -> None:
-        """Stop folding until `resume` (tests and chaos use this to create lag)."""
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop folding until `resume` (tests and chaos use this to create lag).
+
+        Returns once the follower has finished the batch it was folding, so
+        that nothing appended after this call is applied before `resume`.
+        """
+        self._parked.clear()
         self._paused.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._parked.wait(timeout)
 
     def resume(self) -> None:
         """Fold again after `pause`."""
@@ -157,6 +165,7 @@ class Replica:
     def _run(self) -> None:
         while not self._stop.is_set():
             if self._paused.is_set():
+                self._parked.set()
                 self._stop.wait(0.05)
                 continue
             try:

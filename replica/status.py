@@ -1,0 +1,179 @@
+"""Region status: what each region publishes so that anyone reaching the journal can see lag.
+
+A region's figures (applied offset, when it applied it, replicator backlog,
+fallback reads) live in that region's process, perhaps on another continent.
+Rather than a status server, each region appends a small JSON report to a
+second log beside the volume's metadata log, `<volume>.status`, every few
+seconds. The metadata log is never used for this: status reports are not
+commands, must not move the head they measure, and must not enter the fold.
+
+`tidefs status` reads the tail of that log, keeps the newest report of every
+region, and computes lag against the metadata log's head as it is *now*: in
+records (head - 1 - applied) and in seconds (how long ago the oldest record
+that region has not applied was appended).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidefs.journal.log import JournalError, Log, open_log
+
+log = logging.getLogger(__name__)
+
+STATUS_SUFFIX = ".status"
+"""The status log of volume V is the log of the pseudo-volume `V.status`."""
+
+TAIL_RECORDS = 2000
+"""How many recent reports `read_status` scans for the newest of each region."""
+
+
+def status_volume(volume: str) -> str:
+    """Return the name under which `volume`'s status log is stored."""
+    return volume + STATUS_SUFFIX
+
+
+@dataclass
+class RegionStatus:
+    """The newest report of one region, with lag computed against the current head."""
+
+    region: str
+    applied_offset: int
+    published_ns: int
+    lag_records: int = 0
+    lag_seconds: float = 0.0
+    backlog_blocks: int = 0
+    backlog_bytes: int = 0
+    backlog_oldest_s: float = 0.0
+    fallback_reads: int = 0
+    fallback_bytes: int = 0
+    apply_delay_p99_s: float = 0.0
+    state_before_log_start: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape of `tidefs status --json` for one region."""
+        out = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        out.update(self.extra)
+        return out
+
+
+class StatusPublisher:
+    """Append this region's figures to the status log every `interval` seconds."""
+
+    def __init__(
+        self,
+        journal_url: str,
+        volume: str,
+        region: str,
+        collect: Callable[[], dict[str, Any]],
+        *,
+        interval: float = 2.0,
+    ) -> None:
+        self.journal_url = journal_url
+        self.volume = volume
+        self.region = region
+        self.collect = collect
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._log: Log | None = None
+
+    def start(self) -> StatusPublisher:
+        """Start publishing in a daemon thread."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._run, name=f"tidefs-status-{self.region}", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Publish once more (so the last figures are current) and stop."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def publish(self) -> None:
+        """Append one report now."""
+        if self._log is None:
+            self._log = open_log(self.journal_url, status_volume(self.volume))
+        report = {"region": self.region, "published_ns": time.time_ns(), **self.collect()}
+        self._log.append(json.dumps(report, sort_keys=True).encode())
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.publish()
+            except JournalError as exc:
+                # Status is best effort: a journal outage must not stop the region.
+                log.warning("could not publish status: %s", exc)
+            except Exception:
+                log.exception("status collection failed")
+            if self._stop.wait(self.interval):
+                return
+
+
+def read_status(
+    journal_url: str, volume: str, *, metadata_log: Log | None = None
+) -> dict[str, RegionStatus]:
+    """Return the newest status of every region that ever published, with lag computed now."""
+    reports: dict[str, dict[str, Any]] = {}
+    with open_log(journal_url, status_volume(volume)) as slog:
+        head = slog.head()
+        offset = max(slog.start(), head - TAIL_RECORDS)
+        while offset < head:
+            records = slog.read(offset, max_records=1000, timeout=1.0)
+            if not records:
+                break
+            for rec in records:
+                try:
+                    report = json.loads(rec.payload)
+                    reports[str(report["region"])] = report
+                except (ValueError, KeyError, TypeError):
+                    log.warning("ignoring a malformed status report at offset %d", rec.offset)
+            offset = records[-1].offset + 1
+    own = metadata_log is None
+    mlog = metadata_log if metadata_log is not None else open_log(journal_url, volume)
+    try:
+        m_head, m_start = mlog.head(), mlog.start()
+        out: dict[str, RegionStatus] = {}
+        for region, rep in sorted(reports.items()):
+            applied = int(rep.get("applied_offset", -1))
+            lag_records = max(0, m_head - 1 - applied)
+            lag_seconds = 0.0
+            if lag_records:
+                first_missing = mlog.read(applied + 1, max_records=1, timeout=1.0)
+                if first_missing:
+                    lag_seconds = max(0.0, (time.time_ns() - first_missing[0].timestamp_ns) / 1e9)
+            known = {f for f in RegionStatus.__dataclass_fields__ if f != "extra"}
+            out[region] = RegionStatus(
+                region=region,
+                applied_offset=applied,
+                published_ns=int(rep.get("published_ns", 0)),
+                lag_records=lag_records,
+                lag_seconds=lag_seconds,
+                backlog_blocks=int(rep.get("backlog_blocks", 0)),
+                backlog_bytes=int(rep.get("backlog_bytes", 0)),
+                backlog_oldest_s=float(rep.get("backlog_oldest_s", 0.0)),
+                fallback_reads=int(rep.get("fallback_reads", 0)),
+                fallback_bytes=int(rep.get("fallback_bytes", 0)),
+                apply_delay_p99_s=float(rep.get("apply_delay_p99_s", 0.0)),
+                state_before_log_start=applied + 1 < m_start,
+                extra={k: v for k, v in rep.items() if k not in known},
+            )
+        return out
+    finally:
+        if own:
+            mlog.close()
