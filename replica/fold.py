@@ -153,10 +153,16 @@ class Reader(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Folded:
-    """What folding one record decided: its outcome and the state's changes (None = delete)."""
+    """What folding one record decided: its outcome and the state's changes (None = delete).
+
+    `fresh` names written keys that cannot exist before this offset (the keys
+    of the inode it creates, its own trim index entry): the state updates the
+    digest for those without reading the database first.
+    """
 
     outcome: Outcome
     writes: dict[bytes, bytes | None]
+    fresh: frozenset[bytes] = frozenset()
 
 
 class Reject(Exception):
@@ -193,16 +199,40 @@ def merge_scan(
             yield okey, ovalue
 
 
+def _changed(
+    a: Attr, now: int, nlink: int, *, size: int | None = None, mtime: bool = False
+) -> Attr:
+    """Return `a` with ctime = now, the given link count, and optionally size and mtime = now.
+
+    The fold's hot path: a direct constructor call, several times cheaper than
+    dataclasses.replace.
+    """
+    return Attr(
+        a.ino,
+        a.mode,
+        a.uid,
+        a.gid,
+        nlink,
+        a.size if size is None else size,
+        a.atime_ns,
+        now if mtime else a.mtime_ns,
+        now,
+        a.rdev,
+        a.generation,
+    )
+
+
 class _Tx:
     """The pending writes of one record, read through to the state behind them."""
 
-    __slots__ = ("base", "now", "offset", "writes")
+    __slots__ = ("base", "fresh", "now", "offset", "writes")
 
     def __init__(self, base: Reader, offset: int, now: int) -> None:
         self.base = base
         self.offset = offset
         self.now = now
         self.writes: dict[bytes, bytes | None] = {}
+        self.fresh: set[bytes] = set()
 
     # raw access
 
@@ -256,7 +286,7 @@ class _Tx:
         a = self.attr(ino)
         if a is None:  # pragma: no cover - callers resolved the directory first
             raise AssertionError(f"directory {ino} vanished inside one command")
-        self.put_attr(replace(a, nlink=a.nlink + nlink_delta, mtime_ns=self.now, ctime_ns=self.now))
+        self.put_attr(_changed(a, self.now, a.nlink + nlink_delta, mtime=True))
 
 
 def fold_record(
@@ -278,11 +308,14 @@ def fold_record(
             outcome = Outcome(0, _apply(tx, env), offset)
         except Reject as rej:
             tx.writes.clear()
+            tx.fresh.clear()
             outcome = Outcome(rej.errno, 0, offset)
         tx.put(rkey, encode_outcome(outcome))
-        tx.put(trim_key(offset), env.request_id)
+        tkey = trim_key(offset)
+        tx.put(tkey, env.request_id)
+        tx.fresh.add(tkey)  # offsets only grow: nothing was ever folded at this one
     _trim(tx, prev_offset, offset, window)
-    return Folded(outcome, tx.writes)
+    return Folded(outcome, tx.writes, frozenset(tx.fresh))
 
 
 def _apply(tx: _Tx, env: Envelope) -> int:
@@ -428,18 +461,17 @@ def _create(
     tx: _Tx, parent: Attr, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0, size: int = 0
 ) -> int:
     """Make a new inode named `parent/name`; its number comes from the command's offset."""
+    # Offsets are unique and only ever name one inode, so its keys are all new.
     ino = inode_for_offset(tx.offset)
-    if ino > U64_MAX or tx.get(inode_key(ino)) is not None:  # pragma: no cover
-        raise AssertionError(f"inode {ino} of offset {tx.offset} already exists")
     is_dir = stat.S_ISDIR(mode)
     now = tx.now
     tx.put_attr(Attr(ino, mode, uid, gid, 2 if is_dir else 1, size, now, now, now, rdev, 0))
+    tx.fresh.add(inode_key(ino))
     tx.put(dirent_key(parent.ino, name), encode_dirent(ino, mode))
     if is_dir:
         tx.put(parent_key(ino), u64(parent.ino))
-    tx.put_attr(
-        replace(parent, nlink=parent.nlink + (1 if is_dir else 0), mtime_ns=now, ctime_ns=now)
-    )
+        tx.fresh.add(parent_key(ino))
+    tx.put_attr(_changed(parent, now, parent.nlink + (1 if is_dir else 0), mtime=True))
     return ino
 
 
@@ -459,7 +491,7 @@ def _unlink_inode(tx: _Tx, ino: int) -> None:
     if a is None:  # pragma: no cover - an entry always names a live inode
         raise AssertionError(f"an entry names inode {ino}, which does not exist")
     nlink = max(0, a.nlink - 1)
-    tx.put_attr(replace(a, nlink=nlink, ctime_ns=tx.now))
+    tx.put_attr(_changed(a, tx.now, nlink))
     if nlink == 0:
         tx.put(orphan_key(ino), b"")
 
@@ -600,6 +632,7 @@ def _symlink(tx: _Tx, c: Symlink) -> int:
     gid, mode = _inherit(parent, gid, mode)
     ino = _create(tx, parent, c.name, mode, uid, gid, size=len(target))
     tx.put(symlink_key(ino), target)
+    tx.fresh.add(symlink_key(ino))
     return ino
 
 
@@ -618,7 +651,7 @@ def _link(tx: _Tx, c: Link) -> int:
     if a.nlink >= LINK_MAX:
         raise Reject(E.EMLINK)
     now = tx.now
-    tx.put_attr(replace(a, nlink=a.nlink + 1, ctime_ns=now))
+    tx.put_attr(_changed(a, now, a.nlink + 1))
     tx.put(dirent_key(parent.ino, c.new_name), encode_dirent(a.ino, a.mode))
     tx.touch_dir(parent.ino)
     return a.ino
@@ -712,8 +745,8 @@ def _rename(tx: _Tx, c: Rename) -> int:
         assert tgt_attr is not None, f"an entry names inode {tgt_ino}, which does not exist"
         tx.put(dirent_key(c.parent, c.name), encode_dirent(tgt_ino, tgt_attr.mode))
         tx.put(dirent_key(c.new_parent, c.new_name), encode_dirent(src_ino, src_attr.mode))
-        tx.put_attr(replace(src_attr, ctime_ns=now))
-        tx.put_attr(replace(tgt_attr, ctime_ns=now))
+        tx.put_attr(_changed(src_attr, now, src_attr.nlink))
+        tx.put_attr(_changed(tgt_attr, now, tgt_attr.nlink))
         old_delta = new_delta = 0
         if moves:
             if src_is_dir:
@@ -730,7 +763,7 @@ def _rename(tx: _Tx, c: Rename) -> int:
 
     tx.delete(dirent_key(c.parent, c.name))
     tx.put(dirent_key(c.new_parent, c.new_name), encode_dirent(src_ino, src_attr.mode))
-    tx.put_attr(replace(src_attr, ctime_ns=now))
+    tx.put_attr(_changed(src_attr, now, src_attr.nlink))
     new_delta = 0
     if tgt is not None:
         if tgt_is_dir:
@@ -826,7 +859,7 @@ def _setxattr(tx: _Tx, c: SetXattr) -> int:
     if c.flags & XATTR_REPLACE and not exists:
         raise Reject(E.ENODATA)
     tx.put(key, c.value)
-    tx.put_attr(replace(a, ctime_ns=tx.now))
+    tx.put_attr(_changed(a, tx.now, a.nlink))
     return 0
 
 
@@ -839,7 +872,7 @@ def _removexattr(tx: _Tx, c: RemoveXattr) -> int:
     if tx.get(key) is None:
         raise Reject(E.ENODATA)
     tx.delete(key)
-    tx.put_attr(replace(a, ctime_ns=tx.now))
+    tx.put_attr(_changed(a, tx.now, a.nlink))
     return 0
 
 
@@ -857,7 +890,7 @@ def _commit_slice(tx: _Tx, c: CommitSlice) -> int:
     key = chunk_key(a.ino, c.chunk_index)
     tx.put(key, (tx.get(key) or b"") + encode_slice(c.slice))
     now = tx.now
-    tx.put_attr(replace(a, size=max(size, end), mtime_ns=now, ctime_ns=now))
+    tx.put_attr(_changed(a, now, a.nlink, size=max(size, end), mtime=True))
     return 0
 
 

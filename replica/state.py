@@ -101,6 +101,7 @@ class _Batch:
 
     db: Rdict
     cache: dict[bytes, bytes | None]
+    hashes: dict[bytes, int]
     digest: int
     dirty: dict[bytes, bytes | None] = field(default_factory=dict)
     _sorted: list[bytes] = field(default_factory=list)
@@ -127,15 +128,22 @@ class _Batch:
         overlay = [(k, self.dirty[k]) for k in self._sorted[i:j]]
         return merge_scan(_items(self.db, lo, hi), overlay)
 
-    def write(self, key: bytes, value: bytes | None) -> bool:
-        """Record a put (or a delete when None) and update the digest; False if nothing changed."""
-        old = self.get(key)
+    def write(self, key: bytes, value: bytes | None, fresh: bool = False) -> bool:
+        """Record a put (or a delete when None) and update the digest; False if nothing changed.
+
+        `fresh` says the key cannot exist yet, which saves reading it.
+        """
+        old = None if fresh else self.get(key)
         if old == value:
             return False
         if old is not None:
-            self.digest -= K.entry_hash(key, old)
+            # A key written by an earlier record (a busy directory) has its hash at hand.
+            old_hash = self.hashes.get(key)
+            self.digest -= K.entry_hash(key, old) if old_hash is None else old_hash
         if value is not None:
-            self.digest += K.entry_hash(key, value)
+            new_hash = K.entry_hash(key, value)
+            self.digest += new_hash
+            self.hashes[key] = new_hash
         if key not in self.dirty:
             self._unsorted.append(key)
         self.dirty[key] = value
@@ -162,6 +170,7 @@ class State:
         self._wopts = WriteOptions()
         self._wopts.sync = False  # WAL without fsync: the log is the source of truth
         self._cache: dict[bytes, bytes | None] = {}
+        self._hashes: dict[bytes, int] = {}
         self._applied = self._read_applied()
         raw = db.get(K.META_DIGEST)
         self._digest = int.from_bytes(raw, "big") if raw is not None else 0
@@ -259,11 +268,22 @@ class State:
         """
         if self.read_only:
             raise StateError(f"the state at {self.path} is open read-only")
-        if len(self._cache) > _CACHE_MAX:
+        if len(self._cache) > _CACHE_MAX or len(self._hashes) > _CACHE_MAX:
             self._cache.clear()
+            self._hashes.clear()
+        try:
+            return self._apply(batch)
+        except BaseException:
+            # The batch's value hashes went into _hashes as it folded: a batch
+            # that did not commit must leave no trace in either cache.
+            self._cache.clear()
+            self._hashes.clear()
+            raise
+
+    def _apply(self, batch: Sequence[tuple[int, Envelope]]) -> ApplyResult:
         start = self._applied
         applied = start
-        view = _Batch(self._db, self._cache, self._digest)
+        view = _Batch(self._db, self._cache, self._hashes, self._digest)
         outcomes: list[Outcome] = []
         inodes: set[int] = set()
         entries: set[tuple[int, bytes]] = set()
@@ -277,8 +297,9 @@ class State:
                 outcomes.append(K.decode_outcome(raw) if raw is not None else Outcome(0, 0, -1))
                 continue
             folded = fold_record(view, applied, offset, env, window=self._window)
+            fresh = folded.fresh
             for key, value in folded.writes.items():
-                if view.write(key, value):
+                if view.write(key, value, key in fresh):
                     _note_change(key, inodes, entries)
             outcomes.append(folded.outcome)
             applied = offset
@@ -293,11 +314,7 @@ class State:
         digest = view.digest % K.DIGEST_MOD
         wb.put(K.META_APPLIED, K.encode_offset(applied))
         wb.put(K.META_DIGEST, K.digest_bytes(digest))
-        try:
-            self._db.write(wb, self._wopts)
-        except BaseException:
-            self._cache.clear()  # reads of this batch may have cached nothing wrong, but be sure
-            raise
+        self._db.write(wb, self._wopts)
         self._cache.update(view.dirty)
         self._applied = applied
         self._digest = digest
@@ -442,11 +459,23 @@ class State:
 
 
 def _items(db: Rdict, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, bytes]]:
-    """Iterate the keys in [lo, hi) (to the end when hi is None); raw mode yields bytes."""
+    """Iterate the keys in [lo, hi) (to the end when hi is None); raw mode yields bytes.
+
+    RocksDB's iterator keeps a pointer to the upper bound held by the
+    ReadOptions, so this generator holds `ro` for the iterator's whole life (an
+    iterator that outlived its ReadOptions was seen to stop early). The bound
+    is also checked here, which costs one comparison per key.
+    """
     ro = ReadOptions()
-    if hi is not None:
-        ro.set_iterate_upper_bound(hi)
-    return cast(Iterator[tuple[bytes, bytes]], db.items(from_key=lo, read_opt=ro))
+    if hi is None:
+        yield from cast(Iterator[tuple[bytes, bytes]], db.items(from_key=lo, read_opt=ro))
+        return
+    ro.set_iterate_upper_bound(hi)
+    for key, value in cast(Iterator[tuple[bytes, bytes]], db.items(from_key=lo, read_opt=ro)):
+        if key >= hi:
+            break
+        yield key, value
+    del ro
 
 
 def _options(*, create: bool) -> Options:
