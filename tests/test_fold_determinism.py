@@ -49,7 +49,7 @@ from tidefs.journal.commands import (
     inode_for_offset,
 )
 from tidefs.replica import keys as K
-from tidefs.replica.state import State
+from tidefs.replica.state import State, StateError, StateLockedError
 
 CHUNK = 64
 BLOCK = 16
@@ -329,3 +329,48 @@ def test_a_killed_fold_restarts_at_an_exact_offset_and_converges(tmp_path: Path)
     assert starts == sorted(starts)  # no restart ever went back
     assert len(set(starts)) > 3 and starts[-1] < recs[-1][0]
     assert snapshot(target) == final
+
+
+# -- the state directory ----------------------------------------------------------------
+
+
+def test_a_checkpoint_folds_on_to_the_same_state(tmp_path: Path) -> None:
+    """A snapshot (RocksDB checkpoint) plus the rest of the log equals the whole log."""
+    recs = records(600, seed=21)
+    fold(tmp_path / "ref", recs, 100)
+    with State.open(tmp_path / "live", outcome_window=WINDOW) as state:
+        state.apply(recs[:250])
+        state.checkpoint(tmp_path / "snap")
+    with State.open(tmp_path / "snap", outcome_window=WINDOW) as restored:
+        assert restored.applied_offset() == recs[249][0]
+        restored.apply(recs)  # the first 250 are skipped as re-delivered
+    assert snapshot(tmp_path / "snap") == snapshot(tmp_path / "ref")
+
+
+def test_one_writer_per_state_directory(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    with State.open(path) as state:
+        with pytest.raises(StateLockedError, match="already open for writing"):
+            State.open(path)
+        probe = (
+            "import sys\n"
+            "from tidefs.replica.state import State, StateLockedError\n"
+            "try:\n"
+            "    State.open(sys.argv[1])\n"
+            "except StateLockedError as exc:\n"
+            "    print('locked', exc)\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=60
+        )
+        assert out.stdout.startswith("locked") and str(path) in out.stdout
+        # Readers are not locked out, and see what was applied when they opened.
+        state.apply(records(5, seed=1))
+        with State.open(path, read_only=True) as reader:
+            assert reader.applied_offset() == 4 and reader.volume() is not None
+            with pytest.raises(StateError):
+                reader.apply(records(6, seed=1))
+    with State.open(path) as again:  # closing released the lock
+        assert again.applied_offset() == 4
+    with pytest.raises(StateError):
+        State.open(tmp_path / "missing", read_only=True)
