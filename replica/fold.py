@@ -46,6 +46,7 @@ from __future__ import annotations
 import errno as E
 import stat
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -162,7 +163,7 @@ class Folded:
 
     outcome: Outcome
     writes: dict[bytes, bytes | None]
-    fresh: frozenset[bytes] = frozenset()
+    fresh: AbstractSet[bytes] = frozenset()
 
 
 class Reject(Exception):
@@ -315,7 +316,7 @@ def fold_record(
         tx.put(tkey, env.request_id)
         tx.fresh.add(tkey)  # offsets only grow: nothing was ever folded at this one
     _trim(tx, prev_offset, offset, window)
-    return Folded(outcome, tx.writes, frozenset(tx.fresh))
+    return Folded(outcome, tx.writes, tx.fresh)
 
 
 def _apply(tx: _Tx, env: Envelope) -> int:

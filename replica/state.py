@@ -35,6 +35,7 @@ import hashlib
 import os
 import struct
 from collections.abc import Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -131,7 +132,7 @@ class _Batch:
         overlay = [(k, self.dirty[k]) for k in self._sorted[i:j]]
         return merge_scan(_items(self.db, lo, hi), overlay)
 
-    def write(self, writes: dict[bytes, bytes | None], fresh: frozenset[bytes]) -> None:
+    def write(self, writes: dict[bytes, bytes | None], fresh: AbstractSet[bytes]) -> None:
         """Apply one record's puts (deletes where None) and keep the digest current.
 
         Keys in `fresh` cannot exist yet, which saves reading them. This loop
@@ -314,7 +315,13 @@ class State:
             return ApplyResult(outcomes, applied_offset=applied, skipped=skipped)
         wb = WriteBatch(raw_mode=True)
         for key, value in view.dirty.items():
-            _note_change(key, inodes, entries)
+            tag = key[0]
+            if tag in _INODE_TAGS:
+                inodes.add(K.key_inode(key))
+            elif tag == _DIRENT_TAG:
+                parent, _cookie, name = K.split_dirent_key(key)
+                entries.add((parent, name))
+                inodes.add(parent)
             if value is None:
                 wb.delete(key)
             else:
@@ -517,14 +524,3 @@ def _lock(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def _note_change(key: bytes, inodes: set[int], entries: set[tuple[int, bytes]]) -> None:
-    """Record which inode or directory entry a written key belongs to, for cache invalidation."""
-    tag = key[0]
-    if tag in _INODE_TAGS:
-        inodes.add(K.key_inode(key))
-    elif tag == _DIRENT_TAG:
-        parent, _cookie, name = K.split_dirent_key(key)
-        entries.add((parent, name))
-        inodes.add(parent)

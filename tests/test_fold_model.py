@@ -24,7 +24,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from tidefs.journal.commands import (
     LINK_MAX,
@@ -1016,3 +1022,17 @@ def test_open_with_o_creat_names_the_existing_file(tmp_path: Any) -> None:
     assert fold(Mknod(ROOT_INODE, b"f", stat.S_IFREG | 0o600, 0, 0)).errno == E.EEXIST
     fold(Mkdir(ROOT_INODE, b"d", 0o755, 0, 0))
     assert fold(Mknod(ROOT_INODE, b"d", 0o644, 0, 0, exclusive=False)).errno == E.EISDIR
+
+
+@pytest.mark.slow
+def test_fold_versus_model_soak() -> None:
+    """The state machine above, longer and more often (the slow tier)."""
+    run_state_machine_as_test(
+        FoldVersusModel,
+        settings=settings(
+            max_examples=2000,
+            stateful_step_count=100,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        ),
+    )
