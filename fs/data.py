@@ -56,15 +56,19 @@ Concurrent requests for one block share a single fetch.
 Compaction
 ----------
 Overwrites fragment a chunk into many slices, and every read then pays for
-the planning and for blocks it mostly does not need. After a commit leaves
-a chunk with `compact_threshold` slices or more, the chunk is read, written
-as one slice, and replaced with `CompactChunk(expected=the slice ids read)`;
-the fold rejects it (ESTALE) if the chunk changed meanwhile, and the new
-blocks are left to gc.
+the planning and for blocks it mostly does not need. A commit that leaves a
+chunk with `compact_threshold` slices or more makes it a candidate; once the
+chunk has seen no commit for `compact_delay` seconds it is read, written as
+one slice, and replaced with `CompactChunk(expected=the slice ids read)`. The
+fold rejects that (ESTALE) if the chunk changed meanwhile, and the new blocks
+are left to gc — which is why a chunk still being written is left alone: a
+database rewriting pages would otherwise pay a whole-chunk rewrite for every
+few pages, all of it thrown away.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import logging
@@ -204,7 +208,11 @@ class Run:
 
 
 class InodeBuffer:
-    """The pending writes of one inode, and the locks that order their commits."""
+    """The pending writes of one inode, and the locks that order their commits.
+
+    `bytes`, `end` and `last_write_ns` are kept up to date under `lock`, so
+    that getattr and the write path never walk a long list of extents.
+    """
 
     def __init__(self, ino: int) -> None:
         self.ino = ino
@@ -212,12 +220,22 @@ class InodeBuffer:
         self.commit_lock = threading.Lock()
         self.extents: list[Extent] = []
         self.background: Future[None] | None = None
+        self.bytes = 0
+        self.end = 0
+        self.last_write_ns = 0
 
-    def dirty(self) -> int:
-        return sum(e.length for e in self.extents)
+    def wrote(self, ext: Extent, grown: int) -> None:
+        """Account for a write that grew `ext` by `grown` bytes (caller holds lock)."""
+        self.bytes += grown
+        self.end = max(self.end, ext.end)
+        self.last_write_ns = ext.last_write_ns
 
-    def pending_end(self) -> int:
-        return max((e.end for e in self.extents), default=0)
+    def drop(self, done: list[Extent]) -> None:
+        """Forget committed extents (caller holds lock)."""
+        gone = set(map(id, done))
+        self.extents = [e for e in self.extents if id(e) not in gone]
+        self.bytes = sum(e.length for e in self.extents)
+        self.end = max((e.end for e in self.extents), default=0)
 
     def snapshot(self, lo: int, hi: int) -> list[tuple[int, bytes]]:
         """Copy the pending bytes that overlap [lo, hi), oldest extent first."""
@@ -310,30 +328,31 @@ def coalesce(extents: list[Extent], block_size: int) -> list[Extent]:
 
     Later extents overwrite earlier ones where they overlap, so committing the
     result in any order gives the bytes that committing the inputs in order
-    would. Adjacent runs of one chunk are joined: fewer, longer slices.
+    would. Adjacent runs of one chunk are joined: fewer, longer slices. Runs
+    are kept sorted by start, so each extent finds its neighbours by bisection.
     """
-    by_chunk: dict[int, list[tuple[int, bytearray]]] = {}
+    by_chunk: dict[int, tuple[list[int], list[bytearray]]] = {}
     for e in extents:
-        runs = by_chunk.setdefault(e.chunk, [])
-        data = bytearray(e.copy_range(e.start, e.end))
+        starts, bufs = by_chunk.setdefault(e.chunk, ([], []))
         lo, hi = e.start, e.end
-        kept: list[tuple[int, bytearray]] = []
-        for start, buf in runs:
-            end = start + len(buf)
-            if end < lo or start > hi:
-                kept.append((start, buf))
-                continue
-            # overlapping or adjacent: fold the older run around the new bytes
-            new_lo, new_hi = min(lo, start), max(hi, end)
+        data = bytearray(e.copy_range(lo, hi))
+        i = bisect.bisect_right(starts, lo) - 1
+        if i < 0 or starts[i] + len(bufs[i]) < lo:
+            i += 1  # the run before lo ends before it: it neither overlaps nor touches
+        j = bisect.bisect_right(starts, hi)  # runs i..j-1 overlap or touch [lo, hi]
+        if i < j:
+            new_lo = min(lo, starts[i])
+            new_hi = max(hi, starts[j - 1] + len(bufs[j - 1]))
             joined = bytearray(new_hi - new_lo)
-            joined[start - new_lo : end - new_lo] = buf
-            joined[lo - new_lo : hi - new_lo] = data
-            data, lo, hi = joined, new_lo, new_hi
-        kept.append((lo, data))
-        by_chunk[e.chunk] = sorted(kept, key=lambda r: r[0])
+            for k in range(i, j):
+                joined[starts[k] - new_lo : starts[k] - new_lo + len(bufs[k])] = bufs[k]
+            joined[lo - new_lo : hi - new_lo] = data  # the newer bytes win
+            data, lo = joined, new_lo
+        starts[i:j] = [lo]
+        bufs[i:j] = [data]
     out = []
-    for chunk, runs in sorted(by_chunk.items()):
-        for start, buf in runs:
+    for chunk, (starts, bufs) in sorted(by_chunk.items()):
+        for start, buf in zip(starts, bufs, strict=True):
             ext = Extent(chunk=chunk, start=start, block_size=block_size, frozen=True)
             ext.write(start, memoryview(buf))
             out.append(ext)
@@ -473,9 +492,10 @@ class DataPath:
         memory_cache_bytes: int = 128 << 20,
         flush_interval: float = 2.0,
         compact_threshold: int = 16,
+        compact_delay: float = 5.0,
         readahead_max: int = 32 << 20,
         dirty_limit: int = 512 << 20,
-        io_threads: int = 16,
+        io_threads: int = 32,
     ) -> None:
         self.state = state
         self.submit = submit
@@ -485,10 +505,11 @@ class DataPath:
         self.stores = stores
         self.flush_interval = flush_interval
         self.compact_threshold = compact_threshold
+        self.compact_delay = compact_delay
         self.readahead_max = max(readahead_max, block_size)
         self.dirty_limit = dirty_limit
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="tidefs-io")
-        self._submits = ThreadPoolExecutor(16, thread_name_prefix="tidefs-submit")
+        self._submits = ThreadPoolExecutor(64, thread_name_prefix="tidefs-submit")
         self._background = ThreadPoolExecutor(4, thread_name_prefix="tidefs-commit")
         self.fetcher = BlockFetcher(
             stores, region, MemoryBlockCache(memory_cache_bytes), disk_cache, self._io
@@ -499,6 +520,7 @@ class DataPath:
         self._buffers: dict[int, InodeBuffer] = {}
         self._fh = itertools.count(1)
         self._compacting: set[tuple[int, int]] = set()
+        self._candidates: dict[tuple[int, int], float] = {}
         self._closed = False
 
     # -- open files ----------------------------------------------------------
@@ -568,14 +590,16 @@ class DataPath:
                 chunk = pos // cs
                 n = min(len(view) - i, (chunk + 1) * cs - pos)
                 ext = self._extent_for(buf, chunk, pos)
+                before = ext.length
                 ext.write(pos, view[i : i + n])
+                buf.wrote(ext, ext.length - before)
                 to_upload.extend((ext, b) for b in ext.seal_full())
                 if ext.end == (chunk + 1) * cs:
                     ext.frozen = True  # a complete chunk: commit it behind the writer
                     commit_behind = True
                 pos += n
                 i += n
-            dirty = buf.dirty()
+            dirty = buf.bytes
             if commit_behind and buf.background is None:
                 buf.background = self._background.submit(self._commit_behind, buf)
         for ext, b in to_upload:
@@ -608,7 +632,7 @@ class DataPath:
         with buf.lock:
             if not buf.extents:
                 return None
-            return buf.pending_end(), max(e.last_write_ns for e in buf.extents)
+            return buf.end, buf.last_write_ns
 
     def flush(self, ino: int) -> None:
         """Commit every write of `ino` made before this call; raise DataError on failure."""
@@ -681,8 +705,7 @@ class DataPath:
         for group, runs in self._plan(batch):
             self._commit_runs(buf.ino, runs)
             with buf.lock:
-                for e in group:
-                    buf.extents.remove(e)
+                buf.drop(group)
             self._after_commit(buf.ino, {r.chunk for r in runs})
 
     def _plan(self, batch: list[Extent]) -> list[tuple[list[Extent], list[Run]]]:
@@ -771,8 +794,12 @@ class DataPath:
 
     # -- reading ---------------------------------------------------------------
 
-    def read(self, fh: int, off: int, size: int) -> bytes:
-        """Return up to `size` bytes at `off` of an open file: committed, then pending."""
+    def read(self, fh: int, off: int, size: int) -> bytes | bytearray | memoryview:
+        """Return up to `size` bytes at `off` of an open file: committed, then pending.
+
+        The result is any contiguous buffer (pyfuse3 replies from the buffer
+        protocol): a read within one cached block is a view of it, no copy.
+        """
         of = self._files.get(fh)
         if of is None:
             raise DataError(errno.EBADF, f"unknown file handle {fh}")
@@ -786,17 +813,21 @@ class DataPath:
         end = min(off + size, file_size)
         if end <= off:
             return b""
-        out = bytearray(end - off)
         pieces = self._plan_read(of.ino, off, end)
         started = self._start(pieces)
         self._readahead(of, off, end, file_size)  # queued behind this read's own blocks
+        if not overlays and len(pieces) == 1 and pieces[0].n == end - off:
+            p = pieces[0]
+            data = self._block(p, started)
+            return memoryview(data)[p.within : p.within + p.n]
+        out = bytearray(end - off)
         self._collect(out, pieces, started)
         for start, data in overlays:
             a = max(start, off)
             b = min(start + len(data), end)
             if a < b:
                 out[a - off : b - off] = data[a - start : b - start]
-        return bytes(out)
+        return out
 
     def _plan_read(
         self, ino: int, lo: int, hi: int, slices: dict[int, list[SliceRef]] | None = None
@@ -841,15 +872,18 @@ class DataPath:
         started: dict[tuple[int, int], Future[bytes] | None],
     ) -> None:
         for p in pieces:
-            fut = started.get((p.ref.slice_id, p.index))
-            data = fut.result() if fut is not None else self.fetcher.get(p.ref, p.index)
-            if len(data) < p.within + p.n:
-                key = block_key(p.ref.slice_id, p.index)
-                log.error(
-                    "block %s holds %d bytes, the slice needs %d", key, len(data), p.within + p.n
-                )
-                raise DataError(errno.EIO, f"short block {key}")
-            out[p.dst : p.dst + p.n] = data[p.within : p.within + p.n]
+            data = self._block(p, started)
+            out[p.dst : p.dst + p.n] = memoryview(data)[p.within : p.within + p.n]
+
+    def _block(self, p: Piece, started: dict[tuple[int, int], Future[bytes] | None]) -> bytes:
+        """Return the verified payload of the block a piece reads from."""
+        fut = started.get((p.ref.slice_id, p.index))
+        data = fut.result() if fut is not None else self.fetcher.get(p.ref, p.index)
+        if len(data) < p.within + p.n:
+            key = block_key(p.ref.slice_id, p.index)
+            log.error("block %s holds %d bytes, the slice needs %d", key, len(data), p.within + p.n)
+            raise DataError(errno.EIO, f"short block {key}")
+        return data
 
     def _readahead(self, of: OpenFile, off: int, end: int, file_size: int) -> None:
         if off == of.ra_next:
@@ -874,16 +908,35 @@ class DataPath:
     # -- compaction ------------------------------------------------------------
 
     def _after_commit(self, ino: int, chunks: set[int]) -> None:
+        """Note chunks fragmented enough to compact; `compact_due` runs them once quiet."""
         if self.compact_threshold <= 0:
             return
+        now = time.monotonic()
         for chunk in chunks:
-            if len(self.state.slices(ino, chunk)) < self.compact_threshold:
-                continue
-            with self._lock:
-                if (ino, chunk) in self._compacting or self._closed:
-                    continue
-                self._compacting.add((ino, chunk))
-            self._background.submit(self._compact_task, ino, chunk)
+            if len(self.state.slices(ino, chunk)) >= self.compact_threshold:
+                with self._lock:
+                    self._candidates[(ino, chunk)] = now
+
+    def compact_due(self) -> int:
+        """Start compacting one candidate chunk untouched for `compact_delay`; never blocks.
+
+        Compacting a chunk that is still being written is wasted work (the fold
+        rejects it as stale) and competes with the writer, so a chunk waits
+        until its writes pause; and one compaction runs at a time, because each
+        may rewrite a whole chunk.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._compacting or self._closed:
+                return 0
+            for key, touched in sorted(self._candidates.items(), key=lambda kv: kv[1]):
+                if now - touched < self.compact_delay:
+                    break
+                del self._candidates[key]
+                self._compacting.add(key)
+                self._background.submit(self._compact_task, *key)
+                return 1
+        return 0
 
     def _compact_task(self, ino: int, chunk: int) -> None:
         try:

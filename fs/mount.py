@@ -34,13 +34,14 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tidefs.fs import metrics
 
 if TYPE_CHECKING:
+    from tidefs.fs.coherence import Invalidator
     from tidefs.fs.data import DataPath
-    from tidefs.fs.ops import Invalidator, TideOps
+    from tidefs.fs.ops import TideOps
     from tidefs.journal.log import Log
     from tidefs.replica.replica import Replica
     from tidefs.replica.state import State
@@ -75,6 +76,7 @@ class MountConfig:
     metrics_port: int | None = None
     flush_interval: float = 2.0
     compact_threshold: int = 16
+    compact_delay: float = 5.0
     attr_timeout: float = 1.0
 
 
@@ -158,8 +160,9 @@ class Mount:
     def open(self) -> None:
         """Open everything and catch up with the log; raise MountError with one line."""
         from tidefs.fs.cache import DiskBlockCache
+        from tidefs.fs.coherence import Invalidator, ObservedState, OwnRequests
         from tidefs.fs.data import DataPath
-        from tidefs.fs.ops import Invalidator, TideOps
+        from tidefs.fs.ops import TideOps
         from tidefs.journal.log import JournalError, open_log
         from tidefs.replica.replica import Replica, fold_range
         from tidefs.replica.state import State, StateError, StateLockedError
@@ -207,15 +210,18 @@ class Mount:
         except Exception as exc:
             raise MountError(f"block store of region {cfg.region} is not reachable: {exc}") from exc
 
-        self.replica = Replica(self.log, self.state, cfg.region)
-        replica = self.replica
+        # The replica folds through ObservedState so that the invalidator can
+        # tell this mount's own commands from everyone else's.
+        observed = ObservedState(self.state)
+        self.replica = Replica(self.log, cast("State", observed), cfg.region)
+        own = OwnRequests(self.replica)
         try:
             cache = DiskBlockCache(cfg.cache_dir, cfg.cache_size)
         except OSError as exc:
             raise MountError(f"cannot use cache directory {cfg.cache_dir}: {exc}") from exc
         self.data = DataPath(
             state=self.state,
-            submit=lambda command, rid: replica.submit(command, request_id=rid),
+            submit=own.submit,
             region=cfg.region,
             chunk_size=vol.chunk_size,
             block_size=vol.block_size,
@@ -223,17 +229,19 @@ class Mount:
             disk_cache=cache,
             flush_interval=cfg.flush_interval,
             compact_threshold=cfg.compact_threshold,
+            compact_delay=cfg.compact_delay,
         )
         self.ops = TideOps(
             state=self.state,
             replica=self.replica,
+            own=own,
             data=self.data,
             block_size=vol.block_size,
             attr_timeout=cfg.attr_timeout,
             entry_timeout=cfg.attr_timeout,
             max_staleness=cfg.max_staleness,
         )
-        self.invalidator = Invalidator()
+        self.invalidator = Invalidator(observed, own)
         self.replica.add_listener(self.invalidator.on_apply)
         self.replica.start()
         if cfg.replicate:
@@ -265,7 +273,6 @@ class Mount:
         except RuntimeError as exc:
             raise MountError(f"cannot mount at {cfg.mountpoint}: {exc}") from exc
         self.mounted = True
-        _raise_readahead(cfg.mountpoint)
 
     async def serve(self, on_ready: Callable[[], None]) -> None:
         """Serve requests until unmounted or signalled, then flush while still mounted."""
@@ -280,9 +287,15 @@ class Mount:
             nursery.start_soon(self._signals)
             if self.cfg.max_staleness is not None:
                 nursery.start_soon(self._lag_monitor)
+            nursery.start_soon(self._tune_readahead)
             on_ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+    async def _tune_readahead(self) -> None:
+        import trio
+
+        await trio.to_thread.run_sync(_raise_readahead, self.cfg.mountpoint)
 
     async def _signals(self) -> None:
         import pyfuse3
@@ -305,6 +318,7 @@ class Mount:
         data = self.data
         while True:
             await trio.sleep(FLUSH_TICK)
+            data.compact_due()
             for ino in data.due():
                 try:
                     await trio.to_thread.run_sync(data.flush, ino)
@@ -350,7 +364,7 @@ class Mount:
             for ino, exc in self.data.close():
                 log.error("writes to inode %d could not be flushed: %s", ino, exc)
         if self.ops is not None:
-            self.ops.reclaim_held()
+            self.ops.close()
         if self.mounted:
             import pyfuse3
 
@@ -388,21 +402,23 @@ def _start_replicator(m: Mount) -> Any:
 def _raise_readahead(mountpoint: str, kib: int = 16384) -> None:
     """Best effort: let the kernel read ahead further than FUSE's 128 KiB default.
 
-    Found through /proc/self/mountinfo, not stat, because the loop is not yet
-    serving: a stat of the mount point would wait for it forever.
+    Runs on a worker thread once the loop serves: the statvfs waits for the
+    kernel's INIT handshake, which would otherwise reset the value, and the
+    device comes from /proc/self/mountinfo because only root may write it.
     """
-    # realpath would lstat the mount point itself: resolve only its parent.
-    real = os.path.join(os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint))
     try:
+        os.statvfs(mountpoint)
+        dev = None
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
-                if len(fields) > 4 and fields[4] == real:
+                if len(fields) > 4 and fields[4] == mountpoint:
                     dev = fields[2]
-            path = f"/sys/class/bdi/{dev}/read_ahead_kb"
-        with open(path, "w") as f:
+        if dev is None:
+            return
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
             f.write(str(kib))
-    except (OSError, UnboundLocalError) as exc:
+    except OSError as exc:
         log.debug("cannot raise readahead: %s", exc)
 
 
@@ -474,6 +490,7 @@ def run_mount(
     ready_fd: int | None = None,
     flush_interval: float = 2.0,
     compact_threshold: int = 16,
+    compact_delay: float = 5.0,
 ) -> int:
     """Mount `volume` at `mountpoint` for `region`; return the process exit code.
 
@@ -495,6 +512,7 @@ def run_mount(
         metrics_port=metrics_port,
         flush_interval=flush_interval,
         compact_threshold=compact_threshold,
+        compact_delay=compact_delay,
     )
     try:
         check_config(cfg)
@@ -659,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--flush-interval", type=float, default=2.0)
     p.add_argument("--compact-threshold", type=int, default=16)
+    p.add_argument("--compact-delay", type=float, default=5.0)
     p.add_argument("--umount", action="store_true", help="unmount MOUNTPOINT instead")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -683,6 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ready_fd=args.ready_fd,
         flush_interval=args.flush_interval,
         compact_threshold=args.compact_threshold,
+        compact_delay=args.compact_delay,
     )
 
 

@@ -20,22 +20,22 @@ directory), and the setgid bit that new subdirectories inherit.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
 import os
-import queue
 import stat
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
 import trio
 
 from tidefs.fs import metrics
+from tidefs.fs.coherence import OwnRequests
 from tidefs.fs.data import DataError, DataPath
 from tidefs.journal.commands import (
     NAME_MAX,
@@ -64,7 +64,7 @@ from tidefs.journal.commands import (
 if TYPE_CHECKING:
     from tidefs.replica.keys import Attr
     from tidefs.replica.replica import Replica
-    from tidefs.replica.state import ApplyResult, State
+    from tidefs.replica.state import State
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class TideOps(pyfuse3.Operations):
         *,
         state: State,
         replica: Replica,
+        own: OwnRequests,
         data: DataPath,
         block_size: int,
         attr_timeout: float = 1.0,
@@ -134,7 +135,9 @@ class TideOps(pyfuse3.Operations):
         super().__init__()
         self.state = state
         self.replica = replica
+        self.own = own
         self.data = data
+        self._reclaimer = ThreadPoolExecutor(1, thread_name_prefix="tidefs-reclaim")
         self.block_size = block_size
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
@@ -155,7 +158,7 @@ class TideOps(pyfuse3.Operations):
     def _submit(self, command: Command) -> Outcome:
         """Submit a command (worker thread); raise FUSEError with the fold's errno."""
         try:
-            outcome = self.replica.submit(command)
+            outcome = self.own.submit(command)
         except Exception as exc:
             log.error("cannot submit %s: %s", type(command).__name__, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -210,29 +213,43 @@ class TideOps(pyfuse3.Operations):
         return self.data.is_open(ino)
 
     def _maybe_reclaim(self, ino: int | None) -> None:
-        """Drop an inode that has no name left and that this mount does not hold open."""
+        """Drop an inode with no name left that this mount does not hold open.
+
+        The Reclaim goes out behind the call that made the orphan (unlink,
+        rename over it, last close): nothing can link an orphan back, so
+        nothing waits for its removal.
+        """
         if ino is None or self._is_open(ino):
             return
         attr = self.state.getattr(ino)
         if attr is None or attr.nlink > 0:
             return
+        self._reclaimer.submit(self._reclaim, ino)
+
+    def _reclaim(self, ino: int) -> None:
+        if self._is_open(ino):
+            return
         try:
-            outcome = self.replica.submit(Reclaim(inode=ino))
-        except Exception as exc:  # the orphan stays; a later release or gc retries
+            outcome = self.own.submit(Reclaim(inode=ino))
+        except Exception as exc:  # the orphan stays; gc or a later mount retries
             log.warning("cannot reclaim inode %d: %s", ino, exc)
             return
         if not outcome.ok and outcome.errno != errno.ENOENT:
             log.warning("reclaim of inode %d rejected: errno %d", ino, outcome.errno)
 
-    def reclaim_held(self) -> None:
-        """At shutdown: drop the unlinked files this mount still held open (worker thread)."""
+    def close(self) -> None:
+        """At shutdown: finish queued reclaims, and drop the orphans still held open here."""
+        self._reclaimer.shutdown(wait=True)
         for ino in self.data.open_inodes():
             attr = self.state.getattr(ino)
             if attr is not None and attr.nlink == 0:
-                try:
-                    self.replica.submit(Reclaim(inode=ino))
-                except Exception as exc:
-                    log.warning("cannot reclaim inode %d: %s", ino, exc)
+                self._reclaim_now(ino)
+
+    def _reclaim_now(self, ino: int) -> None:
+        try:
+            self.own.submit(Reclaim(inode=ino))
+        except Exception as exc:
+            log.warning("cannot reclaim inode %d: %s", ino, exc)
 
     def _new_node(
         self, parent: int, uid: int, gid: int, make: Callable[[int, int, int], Command]
@@ -466,7 +483,9 @@ class TideOps(pyfuse3.Operations):
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         await self._fresh()
-        return await self._run(self.data.read, fh, off, size)
+        data = await self._run(self.data.read, fh, off, size)
+        # pyfuse3 replies from any contiguous buffer; a view of a cached block saves a copy.
+        return cast(bytes, data)
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -562,7 +581,14 @@ class TideOps(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        value = await self._run(self.state.getxattr, inode, name)
+        if name.startswith(b"security."):
+            # The kernel asks for security.capability before every write. An
+            # absent key is answered from RocksDB's in-memory bloom filter, so
+            # this lookup does not block, and skipping the worker-thread trip
+            # takes a round trip off every write.
+            value = self.state.getxattr(inode, name)
+        else:
+            value = await self._run(self.state.getxattr, inode, name)
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return bytes(value)
@@ -595,64 +621,7 @@ class TideOps(pyfuse3.Operations):
 
     def barrier(self) -> None:
         """Wait until this region has applied everything appended so far (worker thread)."""
-        self.replica.submit(Noop("barrier"))
-
-
-class Invalidator:
-    """Tell the kernel what the fold changed, from a thread of its own.
-
-    The fold's listener runs on the follower thread, which every submit waits
-    for; `invalidate_entry` blocks while the kernel runs a related request
-    (say, a mkdir in the same directory, itself waiting for the fold). So the
-    listener only queues, and this thread talks to the kernel.
-
-    Every change is invalidated, this mount's own included: an apply result
-    does not say which region wrote what, and dropping a cache entry the
-    kernel could have kept costs one lookup, while keeping a stale one would
-    show another region's file as it was.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[frozenset[int], frozenset[tuple[int, bytes]]] | None]
-        self._queue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._active = False
-
-    def on_apply(self, result: ApplyResult) -> None:
-        """Replica listener: queue what changed (follower thread; never blocks)."""
-        if self._active and (result.changed_inodes or result.changed_entries):
-            self._queue.put((result.changed_inodes, result.changed_entries))
-
-    def start(self) -> None:
-        """Start invalidating; call once the kernel mount exists."""
-        self._active = True
-        self._thread = threading.Thread(target=self._run, name="tidefs-invalidate", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop before the FUSE session closes: a notification after that would crash."""
-        self._active = False
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None or not self._active:
-                return
-            inodes, entries = item
-            for parent, name in entries:
-                if not self._active:
-                    return
-                with contextlib.suppress(OSError):  # ENOENT: the kernel never saw it
-                    pyfuse3.invalidate_entry(parent, name)
-            for ino in inodes:
-                if not self._active:
-                    return
-                with contextlib.suppress(OSError):
-                    pyfuse3.invalidate_inode(ino)
+        self.own.submit(Noop("barrier"))
 
 
 def _may_access(attr: Attr, mode: int, ctx: pyfuse3.RequestContext) -> bool:

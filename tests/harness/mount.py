@@ -208,7 +208,8 @@ def _factory(base: Path) -> Iterator[MountFactory]:
             volume,
             journal_url,
             region,
-            ["--flush-interval", "1", "--compact-threshold", "8", *(extra or [])],
+            ["--flush-interval", "1", "--compact-threshold", "8", "--compact-delay", "0.5"]
+            + (extra or []),
         )
         made.append(m)
         if start:
