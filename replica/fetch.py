@@ -273,6 +273,12 @@ class BlockFetcher:
         except StoreError:
             self._mark_up(region)
             raise
+        finally:
+            # The future holds the exception, whose traceback holds this frame,
+            # which holds the future: without this, that cycle (and every frame
+            # on the traceback, with the 4 MiB payloads in their locals) would
+            # live until the cyclic gc ran. Measured: fallback reads ran at half speed.
+            del future
         self._mark_up(region)
         return result
 

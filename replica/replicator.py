@@ -20,6 +20,12 @@ immutable (invariant 4), so a stray copy is garbage, never a wrong byte.
 (After a point-in-time replay brings old slices back, their skipped blocks are
 read through the fallback path, which is slower, never incorrect.)
 
+A replicator that starts without progress beside a state that has already
+folded part of the log (a mount's, a region started from a snapshot) does not
+read that history: it queues the live slices the state names and follows the
+log from the state's offset on. The history would name every slice ever
+deleted too, and a trimmed log no longer holds all of it.
+
 Progress lives in a small RocksDB of the replicator's own (`progress_dir`):
 the last log offset it has read, the regions' store URLs it learned from the
 log, and the pending set, one key per block. New pending blocks and the new
@@ -123,6 +129,7 @@ _FORMAT = 1
 _ENTRY = struct.Struct(">qqQQQQQII")
 _PKEY = struct.Struct(">QI")
 _U63 = 1 << 63
+_SEED_BATCH = 10_000
 
 
 class ReplicatorError(Exception):
@@ -296,6 +303,11 @@ class _Progress:
                 "(the replicator then re-reads the log and skips blocks already present)"
             )
 
+    @property
+    def fresh(self) -> bool:
+        """Whether no position was ever recorded (a new progress directory)."""
+        return self._db.get(_POSITION_KEY) is None
+
     def position(self) -> int:
         raw = self._db.get(_POSITION_KEY)
         return -1 if raw is None else int.from_bytes(raw, "big") - 1
@@ -328,6 +340,13 @@ class _Progress:
         for name, url in regions.items():
             wb.put(_REGION_PREFIX + name.encode(), url.encode())
         wb.put(_POSITION_KEY, (position + 1).to_bytes(8, "big"))
+        self._db.write(wb, self._wopts)
+
+    def add(self, added: list[PendingBlock]) -> None:
+        """Record pending blocks without moving the position."""
+        wb = WriteBatch(raw_mode=True)
+        for entry in added:
+            wb.put(entry.progress_key(), entry.encode())
         self._db.write(wb, self._wopts)
 
     def remove(self, pkeys: list[bytes]) -> None:
@@ -452,11 +471,7 @@ class Replicator:
             self._progress.pending(),
             key=lambda e: (e.log_offset, e.slice.slice_id, e.index),
         )
-        for entry in entries:
-            pkey = entry.progress_key()
-            self._pending[pkey] = entry
-            self._pending_bytes += entry.size
-            self._queue.append(pkey)
+        self._enqueue(entries)
         if entries:
             log.info(
                 "replicator %s resumes at log offset %d with %d pending blocks",
@@ -464,6 +479,67 @@ class Replicator:
                 self._position,
                 len(entries),
             )
+        if self._progress.fresh or self._log_trimmed_past():
+            self._seed_from_state()
+
+    def _log_trimmed_past(self) -> bool:
+        """Whether records this replicator has not read were trimmed from the log."""
+        try:
+            return self._position + 1 < self.log.start()
+        except JournalError:
+            return False
+
+    def _seed_from_state(self) -> None:
+        """Queue every live block of the state, and read the log only after its offset.
+
+        A new replicator beside a state that has folded a long history (a
+        mount, a region started from a snapshot, a log trimmed past what this
+        replicator read) need not read that history: the state names exactly
+        the slices alive now, whereas the log also names every slice deleted
+        since. The applied offset is read before the scan, so records the
+        scan may already reflect are read again; the same block queued twice
+        is one pending entry.
+        """
+        applied = self.state.applied_offset()
+        if applied < 0:
+            return  # nothing folded yet: read the log from its start
+        now = time.time_ns()
+        added: list[PendingBlock] = []
+        count = 0
+        for ino, chunk, ref in self.state.iter_live_slices():
+            if ref.home == self.local_region or not self._plausible(ino, chunk, ref):
+                continue
+            for index in range(blocks_needed(ref)):
+                added.append(PendingBlock(ref, index, ino, chunk, applied, now))
+            if len(added) >= _SEED_BATCH:
+                self._progress.add(added)
+                self._enqueue(added)
+                count += len(added)
+                added = []
+        self._progress.commit(max(applied, self._position), {}, added)
+        self._enqueue(added)
+        count += len(added)
+        with self._lock:
+            self._position = max(applied, self._position)
+        log.info(
+            "replicator %s starts from the state at log offset %d: %d blocks to check",
+            self.local_region,
+            applied,
+            count,
+        )
+
+    def _enqueue(self, entries: list[PendingBlock]) -> None:
+        """Add blocks to the pending set (in memory; the caller has stored them)."""
+        with self._lock:
+            for entry in entries:
+                pkey = entry.progress_key()
+                old = self._pending.get(pkey)
+                if old is None:
+                    self._queue.append(pkey)
+                else:
+                    self._pending_bytes -= old.size
+                self._pending[pkey] = entry
+                self._pending_bytes += entry.size
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -719,17 +795,9 @@ class Replicator:
         self._progress.commit(last, learned, added)
         for name, url in learned.items():
             self._use_region(name, url)
+        self._enqueue(added)
         with self._lock:
             self._position = last
-            for entry in added:
-                pkey = entry.progress_key()
-                old = self._pending.get(pkey)
-                if old is None:
-                    self._queue.append(pkey)
-                else:
-                    self._pending_bytes -= old.size
-                self._pending[pkey] = entry
-                self._pending_bytes += entry.size
 
     def _note(
         self, rec: Record, env: Envelope, added: list[PendingBlock], learned: dict[str, str]
