@@ -40,8 +40,9 @@ A read maps its range onto the chunk's slices, newest first, subtracting
 what newer slices already cover, so that bytes hidden by later writes are
 never fetched; what no slice covers reads as zeros (holes, and the tail of a
 file extended by truncate). Each needed block comes from the first of: the
-memory cache, the disk cache, the local store, the block's home region, any
-other region (a fallback read, counted). A block that fails its checksum is
+memory cache, the disk cache, then the stores in the replica layer's order:
+the local store, the block's home region, any other region (a fallback read,
+counted, and written back locally). A block that fails its checksum is
 never returned: the next copy is tried, and if none verifies the read fails
 with EIO and a log line.
 
@@ -74,7 +75,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -88,12 +89,12 @@ from tidefs.journal.commands import (
     SliceRef,
     new_request_id,
 )
-from tidefs.replica.blocks import CorruptBlockError, block_key, new_slice_id
+from tidefs.replica.blocks import CorruptBlockError, StoreError, block_key, new_slice_id
 
 if TYPE_CHECKING:
     from tidefs.journal.commands import Command
+    from tidefs.replica.fetch import BlockFetcher
     from tidefs.replica.state import State
-    from tidefs.replica.store import BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -362,30 +363,29 @@ def coalesce(extents: list[Extent], block_size: int) -> list[Extent]:
 # -- block fetching ----------------------------------------------------------
 
 
-class BlockFetcher:
-    """Fetch verified block payloads: memory cache, disk cache, then the stores by region.
+class BlockReader:
+    """Verified block payloads for reads: memory cache, disk cache, then the regions' stores.
 
-    Thread-safe. Concurrent requests for one key share one fetch.
+    The search across regions (local, home, any other; bounded waits; corrupt
+    copies skipped; fallback reads counted and written back) is the replica
+    layer's `BlockFetcher`, shared with the block replicator so that both
+    follow one set of rules. This adds the caches in front of it and makes
+    concurrent requests for one block share a single fetch. Thread-safe.
     """
 
     def __init__(
         self,
-        stores: Mapping[str, BlockStore],
-        region: str,
+        remote: BlockFetcher,
         memory: MemoryBlockCache,
         disk: DiskBlockCache,
         pool: ThreadPoolExecutor,
     ) -> None:
-        self.stores = stores
-        self.region = region
+        self.remote = remote
         self.memory = memory
         self.disk = disk
         self.pool = pool
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[bytes]] = {}
-        self.fallback_reads = 0
-        self.fallback_bytes = 0
-        self.corrupt_copies = 0
 
     def _claim(self, key: str) -> tuple[Future[bytes], bool]:
         with self._lock:
@@ -396,9 +396,9 @@ class BlockFetcher:
             self._inflight[key] = fut
             return fut, True
 
-    def _run(self, key: str, ref: SliceRef, fut: Future[bytes]) -> None:
+    def _run(self, key: str, ref: SliceRef, index: int, fut: Future[bytes]) -> None:
         try:
-            data = self._load(key, ref)
+            data = self._load(key, ref, index)
         except BaseException as exc:
             with self._lock:
                 self._inflight.pop(key, None)
@@ -417,7 +417,7 @@ class BlockFetcher:
             return data
         fut, owner = self._claim(key)
         if owner:
-            self._run(key, ref, fut)
+            self._run(key, ref, index, fut)
         return fut.result()
 
     def start(self, ref: SliceRef, index: int) -> Future[bytes] | None:
@@ -427,46 +427,24 @@ class BlockFetcher:
             return None
         fut, owner = self._claim(key)
         if owner:
-            self.pool.submit(self._run, key, ref, fut)
+            self.pool.submit(self._run, key, ref, index, fut)
         return fut
 
-    def _order(self, home: str) -> list[str]:
-        order = [self.region]
-        if home != self.region:
-            order.append(home)
-        order.extend(r for r in sorted(self.stores) if r not in order)
-        return order
-
-    def _load(self, key: str, ref: SliceRef) -> bytes:
+    def _load(self, key: str, ref: SliceRef, index: int) -> bytes:
         data = self.disk.get(key)
         if data is not None:
             metrics.CACHE_HITS.add(1, {"level": "disk"})
             return data
-        corrupt = False
-        for region in self._order(ref.home):
-            store = self.stores.get(region)
-            if store is None:
-                continue
-            try:
-                data = store.get_block(key)
-            except CorruptBlockError as exc:
-                corrupt = True
-                self.corrupt_copies += 1
-                metrics.CORRUPT_BLOCKS.add(1, {"region": region})
-                log.error("region %s holds a corrupt copy: %s", region, exc)
-                continue
-            except Exception as exc:  # missing here, or the store is down: try the next
-                log.debug("block %s not readable from region %s: %s", key, region, exc)
-                continue
-            if region != self.region:
-                self.fallback_reads += 1
-                self.fallback_bytes += len(data)
-                metrics.FALLBACK_READS.add(1, {"region": region})
-                metrics.FALLBACK_BYTES.add(len(data), {"region": region})
-            self.disk.put(key, data)
-            return data
-        log.error("block %s of slice %x (home %s) is unreadable", key, ref.slice_id, ref.home)
-        raise BlockUnavailable(key, corrupt)
+        try:
+            data = self.remote.get(ref, index)
+        except CorruptBlockError as exc:
+            log.error("block %s of slice %x: %s", key, ref.slice_id, exc)
+            raise BlockUnavailable(key, True) from exc
+        except StoreError as exc:
+            log.error("block %s of slice %x (home %s): %s", key, ref.slice_id, ref.home, exc)
+            raise BlockUnavailable(key, False) from exc
+        self.disk.put(key, data)
+        return data
 
 
 # -- the data path -----------------------------------------------------------
@@ -487,7 +465,7 @@ class DataPath:
         region: str,
         chunk_size: int,
         block_size: int,
-        stores: Mapping[str, BlockStore],
+        fetcher: BlockFetcher,
         disk_cache: DiskBlockCache,
         memory_cache_bytes: int = 128 << 20,
         flush_interval: float = 2.0,
@@ -502,7 +480,7 @@ class DataPath:
         self.region = region
         self.chunk_size = chunk_size
         self.block_size = block_size
-        self.stores = stores
+        self.remote = fetcher
         self.flush_interval = flush_interval
         self.compact_threshold = compact_threshold
         self.compact_delay = compact_delay
@@ -511,8 +489,8 @@ class DataPath:
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="tidefs-io")
         self._submits = ThreadPoolExecutor(64, thread_name_prefix="tidefs-submit")
         self._background = ThreadPoolExecutor(4, thread_name_prefix="tidefs-commit")
-        self.fetcher = BlockFetcher(
-            stores, region, MemoryBlockCache(memory_cache_bytes), disk_cache, self._io
+        self.fetcher = BlockReader(
+            fetcher, MemoryBlockCache(memory_cache_bytes), disk_cache, self._io
         )
         self._lock = threading.Lock()
         self._files: dict[int, OpenFile] = {}
@@ -777,10 +755,13 @@ class DataPath:
 
     def _upload(self, slice_id: int, index: int, payload: bytes) -> None:
         key = block_key(slice_id, index)
-        store = self.stores[self.region]
+        store = self.remote.store(self.region)
+        if store is None:
+            raise DataError(errno.EIO, f"region {self.region} has no block store")
         for attempt in range(UPLOAD_ATTEMPTS):
             try:
-                store.put_block(key, payload)
+                # Through the fetcher: bounded by its timeout, and region health is shared.
+                self.remote.call(self.region, store.put_block, key, payload)
                 break
             except Exception as exc:
                 if attempt == UPLOAD_ATTEMPTS - 1:

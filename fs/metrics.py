@@ -8,8 +8,11 @@ unconditionally and a mount without `--metrics-port` pays almost nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 log = logging.getLogger(__name__)
 
@@ -17,15 +20,6 @@ _meter = metrics.get_meter("tidefs.fs")
 
 FUSE_OP_LATENCY = _meter.create_histogram(
     "tidefs_fuse_op_seconds", unit="s", description="latency of FUSE operations, by operation"
-)
-FALLBACK_READS = _meter.create_counter(
-    "tidefs_fallback_reads", description="blocks read from another region's store"
-)
-FALLBACK_BYTES = _meter.create_counter(
-    "tidefs_fallback_read_bytes", unit="By", description="bytes read from another region's store"
-)
-CORRUPT_BLOCKS = _meter.create_counter(
-    "tidefs_corrupt_blocks", description="block copies that failed checksum verification"
 )
 CACHE_HITS = _meter.create_counter(
     "tidefs_block_cache_hits", description="block reads served by a cache, by level"
@@ -42,6 +36,26 @@ SLICES_COMMITTED = _meter.create_counter(
 COMPACTIONS = _meter.create_counter(
     "tidefs_compactions", description="chunk compactions attempted, by result"
 )
+
+
+FETCH_COUNTERS = {
+    "fallback_reads": ("tidefs_fallback_reads", "blocks read from another region's store"),
+    "fallback_bytes": ("tidefs_fallback_read_bytes", "bytes read from another region's store"),
+    "corrupt_copies": ("tidefs_corrupt_blocks", "block copies that failed verification"),
+    "unavailable": ("tidefs_store_unavailable", "store calls that timed out or found no store"),
+    "local_reads": ("tidefs_local_block_reads", "blocks read from the local region's store"),
+}
+"""The block fetcher's counters, exported under these names (field -> name, description)."""
+
+
+def observe_fetcher(stats: Callable[[], Any]) -> None:
+    """Export the block fetcher's counters (read from `stats()` at each collection)."""
+    for field, (name, description) in FETCH_COUNTERS.items():
+
+        def callback(_options: CallbackOptions, field: str = field) -> list[Observation]:
+            return [Observation(getattr(stats(), field))]
+
+        _meter.create_observable_counter(name, callbacks=[callback], description=description)
 
 
 def serve_prometheus(port: int) -> None:

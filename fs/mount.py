@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ if TYPE_CHECKING:
     from tidefs.fs.data import DataPath
     from tidefs.fs.ops import TideOps
     from tidefs.journal.log import Log
+    from tidefs.replica.fetch import BlockFetcher
     from tidefs.replica.replica import Replica
     from tidefs.replica.state import State
     from tidefs.replica.store import BlockStore
@@ -148,6 +148,7 @@ class Mount:
         self.state: State | None = None
         self.replica: Replica | None = None
         self.stores: dict[str, BlockStore] = {}
+        self.fetcher: BlockFetcher | None = None
         self.data: DataPath | None = None
         self.ops: TideOps | None = None
         self.invalidator: Invalidator | None = None
@@ -164,9 +165,9 @@ class Mount:
         from tidefs.fs.data import DataPath
         from tidefs.fs.ops import TideOps
         from tidefs.journal.log import JournalError, open_log
+        from tidefs.replica.fetch import BlockFetcher, open_region_stores
         from tidefs.replica.replica import Replica, fold_range
         from tidefs.replica.state import State, StateError, StateLockedError
-        from tidefs.replica.store import open_store
 
         cfg = self.cfg
         try:
@@ -193,22 +194,21 @@ class Mount:
         vol = self.state.volume()
         if vol is None:
             raise MountError(f"volume {cfg.volume!r} does not exist in {cfg.journal_url}")
-        if vol.region(cfg.region) is None:
+        local = vol.region(cfg.region)
+        if local is None:
             names = ", ".join(r.name for r in vol.regions)
             raise MountError(
                 f"region {cfg.region!r} is not a region of volume {cfg.volume!r} ({names})"
             )
-        for r in vol.regions:
-            try:
-                self.stores[r.name] = open_store(r.store_url)
-            except Exception as exc:
-                if r.name == cfg.region:
-                    raise MountError(f"block store {r.store_url} is not usable: {exc}") from exc
-                log.warning("store of region %s (%s) not usable: %s", r.name, r.store_url, exc)
+        local_url = local.store_url
         try:
+            # Another region's store may be down now: it opens lazily, reads skip it.
+            self.stores = open_region_stores(vol)
             self.stores[cfg.region].exists("blocks/00/0000000000000000/00000")
         except Exception as exc:
-            raise MountError(f"block store of region {cfg.region} is not reachable: {exc}") from exc
+            raise MountError(f"block store {local_url} is not usable: {exc}") from exc
+        self.fetcher = BlockFetcher(cfg.region, self.stores)
+        metrics.observe_fetcher(self.fetcher.stats)
 
         # The replica folds through ObservedState so that the invalidator can
         # tell this mount's own commands from everyone else's.
@@ -225,7 +225,7 @@ class Mount:
             region=cfg.region,
             chunk_size=vol.chunk_size,
             block_size=vol.block_size,
-            stores=self.stores,
+            fetcher=self.fetcher,
             disk_cache=cache,
             flush_interval=cfg.flush_interval,
             compact_threshold=cfg.compact_threshold,
@@ -373,9 +373,11 @@ class Mount:
             self.mounted = False
         if self.replicator is not None:
             with contextlib.suppress(Exception):
-                self.replicator.stop()
+                self.replicator.close()
         if self.replica is not None:
             self.replica.stop()
+        if self.fetcher is not None:
+            self.fetcher.close()
         for store in self.stores.values():
             with contextlib.suppress(Exception):
                 store.close()
@@ -386,15 +388,13 @@ class Mount:
 
 
 def _start_replicator(m: Mount) -> Any:
-    """Start the block replicator of this region, when this tidefs has one."""
+    """Start this region's block replicator, sharing the mount's fetcher (and region health)."""
+    from tidefs.replica.replicator import start_for_mount
+
+    assert m.log is not None and m.state is not None
     try:
-        replicator = importlib.import_module("tidefs.replica.replicator")
-    except ImportError:
-        log.info("no block replicator in this build: reads fall back to home regions")
-        return None
-    try:
-        return replicator.start_for_mount(m.log, m.state, m.cfg.region, m.stores)
-    except Exception as exc:
+        return start_for_mount(m.log, m.state, m.cfg.region, m.stores, fetcher=m.fetcher)
+    except Exception as exc:  # reads still fall back to the home region
         log.warning("block replicator did not start: %s", exc)
         return None
 

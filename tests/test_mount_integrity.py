@@ -261,8 +261,8 @@ def test_reads_fall_back_to_the_home_region(mount_factory: MountFactory, tmp_pat
     b = mount_factory(
         volume=a.volume, journal_url=a.journal_url, region="b", extra=["--no-replicate"]
     )
+    assert not _block_files(tmp_path / "sb"), "nothing copied the blocks to region b yet"
     assert read_all(b.path / "shared") == data
-    assert not _block_files(tmp_path / "sb"), "nothing copied the blocks to region b"
 
     # A corrupt copy in region b's own store is skipped for the home region's good one.
     b.stop()
