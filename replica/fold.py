@@ -19,13 +19,15 @@ rules. Permission checks are not here: the mount runs with
 attributes the writer saw.
 
 Bookkeeping that makes apply exactly-once (invariant 3):
-- every request id's outcome is stored (`R` + request id) and a record whose
-  request id already has one is not applied again: it gets the stored outcome;
-- outcomes are kept for `window` offsets and then trimmed, deterministically,
-  by the record whose offset pushes them out of the window (`T` + offset ->
-  request id is the index that finds them). A writer that retries a command
-  later than that re-applies it; the window (about a million records) is far
-  longer than any retry loop.
+- every request id's outcome is stored and a record whose request id already
+  has one is not applied again: it gets the stored outcome;
+- outcomes live in generations of `window` offsets (generation = offset //
+  window). At offset o the outcomes of generations o // window and the one
+  before are kept, so an outcome is remembered for at least `window` and less
+  than 2 * `window` offsets; the first record of a new generation drops the
+  generations before those two, as a whole, deterministically. A writer that
+  retries a command later than that re-applies it; the window (about a
+  million records) is far longer than any retry loop.
 
 Where tidefs departs from Linux, on purpose:
 - `Mknod(exclusive=False)` (open with O_CREAT) on an existing name that is not
@@ -116,7 +118,6 @@ from tidefs.replica.keys import (
     slice_ids,
     split_chunk_key,
     symlink_key,
-    trim_key,
     u64,
     xattr_key,
     xattr_prefix,
@@ -134,7 +135,6 @@ _PERM_BITS = 0o7777
 _NODE_KINDS = (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 _DOTS = (b".", b"..")
 _MAX_DEPTH = 1 << 20
-_SHORT_TRIM = 64
 _MISSING: Any = object()
 
 
@@ -157,13 +157,16 @@ class Folded:
     """What folding one record decided: its outcome and the state's changes (None = delete).
 
     `fresh` names written keys that cannot exist before this offset (the keys
-    of the inode it creates, its own trim index entry): the state updates the
-    digest for those without reading the database first.
+    of the inode it creates, its outcome): the state updates the digest for
+    those without reading the database first. `drops` are the outcome
+    generations whose keys (all under `keys.outcome_prefix(generation)`) are
+    deleted as a whole.
     """
 
     outcome: Outcome
     writes: dict[bytes, bytes | None]
     fresh: AbstractSet[bytes] = frozenset()
+    drops: tuple[int, ...] = ()
 
 
 class Reject(Exception):
@@ -300,8 +303,11 @@ def fold_record(
     if window < 1:
         raise ValueError("the outcome window must be at least one offset")
     tx = _Tx(view, offset, env.timestamp_ns)
-    rkey = outcome_key(env.request_id)
-    stored = tx.get(rkey)
+    gen = offset // window
+    rid = env.request_id
+    stored = tx.get(outcome_key(gen, rid))
+    if stored is None and gen > 0:
+        stored = tx.get(outcome_key(gen - 1, rid))
     if stored is not None:
         outcome = decode_outcome(stored)  # a retry: it took effect once, at its first offset
     else:
@@ -311,12 +317,14 @@ def fold_record(
             tx.writes.clear()
             tx.fresh.clear()
             outcome = Outcome(rej.errno, 0, offset)
+        rkey = outcome_key(gen, rid)
         tx.put(rkey, encode_outcome(outcome))
-        tkey = trim_key(offset)
-        tx.put(tkey, env.request_id)
-        tx.fresh.add(tkey)  # offsets only grow: nothing was ever folded at this one
-    _trim(tx, prev_offset, offset, window)
-    return Folded(outcome, tx.writes, tx.fresh)
+        tx.fresh.add(rkey)  # looked up above: absent
+    drops: tuple[int, ...] = ()
+    if prev_offset >= 0 and gen > prev_offset // window:
+        # Entering a new generation: only this one and the one before stay.
+        drops = tuple(range(max(0, prev_offset // window - 1), gen - 1))
+    return Folded(outcome, tx.writes, tx.fresh, drops)
 
 
 def _apply(tx: _Tx, env: Envelope) -> int:
@@ -330,30 +338,6 @@ def _apply(tx: _Tx, env: Envelope) -> int:
     if handler is not _create_volume and tx.get(VOLUME_KEY) is None:
         raise Reject(E.ENOENT)
     return handler(tx, cmd)
-
-
-def _trim(tx: _Tx, prev_offset: int, offset: int, window: int) -> None:
-    """Drop the outcomes that fall out of the window now that `offset` is folded.
-
-    After folding offset o no outcome of an offset <= o - window remains. What
-    lies at or below prev_offset - window is already gone, so only the range in
-    between is visited: usually one offset, found by a direct get.
-    """
-    hi = offset - window
-    lo = max(0, prev_offset - window + 1)
-    if hi < lo:
-        return
-    if hi - lo < _SHORT_TRIM:
-        for off in range(lo, hi + 1):
-            key = trim_key(off)
-            rid = tx.get(key)
-            if rid is not None:
-                tx.delete(key)
-                tx.delete(outcome_key(rid))
-        return
-    for key, rid in list(tx.scan(trim_key(lo), trim_key(hi + 1))):
-        tx.delete(key)
-        tx.delete(outcome_key(rid))
 
 
 # -- validation helpers --------------------------------------------------------

@@ -15,8 +15,7 @@ numeric order and every "all X of inode N" question is one prefix scan:
     C    C + ino + chunk index                       the chunk's slices, oldest first
     X    X + ino + name                              extended attribute value
     O    O + ino                                     orphan: nlink 0, awaiting Reclaim
-    R    R + request id                              the Outcome of that request
-    T    T + offset                                  the request id folded at that offset
+    R    R + generation + request id                 the Outcome of that request
 
 A directory entry's middle field is its readdir cookie: a 63-bit hash of the
 name, never below `COOKIE_MIN`. Listing a directory walks its prefix in cookie
@@ -28,6 +27,12 @@ listed, but a listing resumed between them skips the second.
 
 Values are compact struct-packed records, never JSON: the fold writes several
 per command and the state of a large volume holds hundreds of millions.
+
+Outcomes are grouped in generations of `window` offsets (generation =
+offset // window), so that forgetting old ones is one range deletion per
+generation instead of a delete per record. The digest's share of each
+generation is kept in meta (`\0gen` + generation) so the range can leave the
+digest in O(1) too.
 
 The state digest is order-independent: the sum modulo 2**256 of
 `entry_hash(key, value)` over every live (non-meta) key. Adding on put and
@@ -46,7 +51,7 @@ from functools import lru_cache
 
 from tidefs.journal.commands import Outcome, Region, SliceRef
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of this key layout; stored in meta so an old binary never misreads a newer state."""
 
 TAG_META = b"\x00"
@@ -59,11 +64,12 @@ TAG_CHUNK = b"C"
 TAG_XATTR = b"X"
 TAG_ORPHAN = b"O"
 TAG_OUTCOME = b"R"
-TAG_TRIM = b"T"
 
 META_APPLIED = TAG_META + b"applied"
 META_DIGEST = TAG_META + b"digest"
 META_FORMAT = TAG_META + b"format"
+META_WINDOW = TAG_META + b"window"
+META_GENSUM = TAG_META + b"gen"
 
 VOLUME_KEY = TAG_VOLUME
 LIVE_START = b"\x01"
@@ -180,12 +186,18 @@ def xattr_key(ino: int, name: bytes) -> bytes:
     return TAG_XATTR + _U64.pack(ino) + name
 
 
-def outcome_key(request_id: bytes) -> bytes:
-    return TAG_OUTCOME + request_id
+def outcome_key(generation: int, request_id: bytes) -> bytes:
+    return TAG_OUTCOME + _U64.pack(generation) + request_id
 
 
-def trim_key(offset: int) -> bytes:
-    return TAG_TRIM + _U64.pack(offset)
+def outcome_prefix(generation: int) -> bytes:
+    """Return the prefix of every outcome key of one generation."""
+    return TAG_OUTCOME + _U64.pack(generation)
+
+
+def gensum_key(generation: int) -> bytes:
+    """Return the meta key holding one outcome generation's share of the digest."""
+    return META_GENSUM + _U64.pack(generation)
 
 
 def key_inode(key: bytes) -> int:

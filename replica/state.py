@@ -34,7 +34,7 @@ import fcntl
 import hashlib
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +66,7 @@ _INODE_TAGS = frozenset(
     t[0] for t in (K.TAG_INODE, K.TAG_SYMLINK, K.TAG_PARENT, K.TAG_CHUNK, K.TAG_XATTR, K.TAG_ORPHAN)
 )
 _DIRENT_TAG = K.TAG_DIRENT[0]
+_OUTCOME_TAG = K.TAG_OUTCOME[0]
 
 
 class StateError(Exception):
@@ -107,7 +108,9 @@ class _Batch:
     cache: dict[bytes, bytes | None]
     hashes: dict[bytes, int]
     digest: int
+    gensums: dict[int, int]
     dirty: dict[bytes, bytes | None] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
     _sorted: list[bytes] = field(default_factory=list)
     _unsorted: list[bytes] = field(default_factory=list)
 
@@ -144,21 +147,37 @@ class _Batch:
             old = None if key in fresh else get(key)
             if old == value:
                 continue
+            delta = 0
             if old is not None:
                 # A key written by an earlier record (a busy directory) has its hash at hand.
                 old_hash = hashes.get(key)
-                digest -= K.entry_hash(key, old) if old_hash is None else old_hash
+                delta -= K.entry_hash(key, old) if old_hash is None else old_hash
             if value is not None:
                 prefix = _LEN.pack(len(key))
                 new_hash = int.from_bytes(
                     blake2b(prefix + key + value, digest_size=K.DIGEST_SIZE).digest(), "big"
                 )
-                digest += new_hash
+                delta += new_hash
                 hashes[key] = new_hash
+            digest += delta
+            if key[0] == _OUTCOME_TAG:
+                gen = K.read_u64(key, 1)
+                self.gensums[gen] = self.gensums.get(gen, 0) + delta
             if key not in dirty:
                 self._unsorted.append(key)
             dirty[key] = value
         self.digest = digest
+
+    def drop(self, gen: int) -> None:
+        """Delete outcome generation `gen` as a whole: its digest share goes in one step."""
+        self.digest -= self.gensums.pop(gen, 0)
+        lo, hi = K.outcome_prefix(gen), K.outcome_prefix(gen + 1)
+        for key in [k for k in self.dirty if lo <= k < hi]:
+            self.dirty[key] = None  # already out of the digest with the generation
+        # Rare (once per window): forget every cached value rather than pick out the dropped.
+        self.cache.clear()
+        self.hashes.clear()
+        self.dropped.append(gen)
 
 
 class State:
@@ -171,13 +190,12 @@ class State:
         *,
         read_only: bool,
         lock_fd: int | None,
-        outcome_window: int,
     ) -> None:
         self._db = db
         self.path = path
         self.read_only = read_only
         self._lock_fd = lock_fd
-        self._window = outcome_window
+        self._window = OUTCOME_WINDOW
         self._wopts = WriteOptions()
         self._wopts.sync = False  # WAL without fsync: the log is the source of truth
         self._cache: dict[bytes, bytes | None] = {}
@@ -185,6 +203,10 @@ class State:
         self._applied = self._read_applied()
         raw = db.get(K.META_DIGEST)
         self._digest = int.from_bytes(raw, "big") if raw is not None else 0
+        self._gensums = {
+            K.read_u64(key, len(K.META_GENSUM)): int.from_bytes(value, "big")
+            for key, value in _items(db, K.META_GENSUM, K.prefix_end(K.META_GENSUM))
+        }
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -194,17 +216,18 @@ class State:
         path: str | Path,
         *,
         read_only: bool = False,
-        outcome_window: int = OUTCOME_WINDOW,
+        outcome_window: int | None = None,
     ) -> State:
         """Open (creating if needed) the state directory at `path`.
 
         A writable open takes an exclusive lock on the directory and fails at
         once with StateLockedError when another writable State holds it, in
-        this process or another. `outcome_window` is for tests: every region
-        of a volume must fold with the same window.
+        this process or another. `outcome_window` (for tests) is fixed when
+        the state is created, as it shapes the state: every region of a volume
+        must fold with the same one, and a different value later is an error.
         """
         path = Path(path)
-        if outcome_window < 1:
+        if outcome_window is not None and outcome_window < 1:
             raise ValueError("outcome_window must be at least 1")
         if read_only:
             if not (path / "CURRENT").exists():
@@ -215,8 +238,12 @@ class State:
                 )
             except Exception as exc:
                 raise StateError(f"cannot open the state at {path} read-only: {exc}") from exc
-            state = cls(db, path, read_only=True, lock_fd=None, outcome_window=outcome_window)
-            state._check_format()
+            state = cls(db, path, read_only=True, lock_fd=None)
+            try:
+                state._check_format(outcome_window)
+            except BaseException:
+                state.close()
+                raise
             return state
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -228,27 +255,35 @@ class State:
         except Exception as exc:
             os.close(lock_fd)
             raise StateError(f"cannot open the state at {path}: {exc}") from exc
-        state = cls(db, path, read_only=False, lock_fd=lock_fd, outcome_window=outcome_window)
+        state = cls(db, path, read_only=False, lock_fd=lock_fd)
         try:
-            state._check_format()
+            state._check_format(outcome_window)
         except BaseException:
             state.close()
             raise
         return state
 
-    def _check_format(self) -> None:
+    def _check_format(self, window: int | None) -> None:
+        """Check (or, for a new state, record) the key format and the outcome window."""
         raw = self._db.get(K.META_FORMAT)
-        if raw is None:
-            if self.read_only:
-                return
-            self._db.put(K.META_FORMAT, K.encode_u32(K.FORMAT_VERSION), self._wopts)
-            return
-        version = K.decode_u32(raw)
-        if version != K.FORMAT_VERSION:
+        if raw is not None and K.decode_u32(raw) != K.FORMAT_VERSION:
             raise StateError(
-                f"the state at {self.path} has key format {version}; "
+                f"the state at {self.path} has key format {K.decode_u32(raw)}; "
                 f"this tidefs reads format {K.FORMAT_VERSION}: replay it into a new directory"
             )
+        stored = self._db.get(K.META_WINDOW)
+        if stored is not None:
+            self._window = K.decode_offset(stored)
+            if window is not None and window != self._window:
+                raise StateError(
+                    f"the state at {self.path} keeps outcomes for {self._window} offsets, "
+                    f"not {window}: every fold of a volume must use the same window"
+                )
+            return
+        self._window = OUTCOME_WINDOW if window is None else window
+        if not self.read_only:
+            self._db.put(K.META_FORMAT, K.encode_u32(K.FORMAT_VERSION), self._wopts)
+            self._db.put(K.META_WINDOW, K.encode_offset(self._window), self._wopts)
 
     def close(self) -> None:
         """Close the database and release the directory lock (idempotent)."""
@@ -294,7 +329,7 @@ class State:
     def _apply(self, batch: Sequence[tuple[int, Envelope]]) -> ApplyResult:
         start = self._applied
         applied = start
-        view = _Batch(self._db, self._cache, self._hashes, self._digest)
+        view = _Batch(self._db, self._cache, self._hashes, self._digest, dict(self._gensums))
         outcomes: list[Outcome] = []
         inodes: set[int] = set()
         entries: set[tuple[int, bytes]] = set()
@@ -304,11 +339,13 @@ class State:
                 if offset < 0:
                     raise ValueError(f"negative log offset {offset}")
                 skipped += 1
-                raw = view.get(K.outcome_key(env.request_id))
-                outcomes.append(K.decode_outcome(raw) if raw is not None else Outcome(0, 0, -1))
+                known = _find_outcome(view.get, view.gensums, env.request_id)
+                outcomes.append(known or Outcome(0, 0, -1))
                 continue
             folded = fold_record(view, applied, offset, env, window=self._window)
             view.write(folded.writes, folded.fresh)
+            for gen in folded.drops:
+                view.drop(gen)
             outcomes.append(folded.outcome)
             applied = offset
         if applied == start:
@@ -326,6 +363,13 @@ class State:
                 wb.delete(key)
             else:
                 wb.put(key, value)
+        for gen in view.dropped:
+            wb.delete_range(K.outcome_prefix(gen), K.outcome_prefix(gen + 1))
+            wb.delete(K.gensum_key(gen))
+        gensums = {gen: total % K.DIGEST_MOD for gen, total in view.gensums.items()}
+        for gen, total in gensums.items():
+            if self._gensums.get(gen) != total:
+                wb.put(K.gensum_key(gen), K.digest_bytes(total))
         digest = view.digest % K.DIGEST_MOD
         wb.put(K.META_APPLIED, K.encode_offset(applied))
         wb.put(K.META_DIGEST, K.digest_bytes(digest))
@@ -333,6 +377,7 @@ class State:
         self._cache.update(view.dirty)
         self._applied = applied
         self._digest = digest
+        self._gensums = gensums
         return ApplyResult(outcomes, frozenset(inodes), frozenset(entries), applied, skipped)
 
     # -- the read side -----------------------------------------------------------
@@ -448,9 +493,8 @@ class State:
         return [K.split_chunk_key(key)[1] for key, _v in self._scan(prefix, K.prefix_end(prefix))]
 
     def outcome(self, request_id: bytes) -> Outcome | None:
-        """Return the stored outcome of a request id, None if unknown or trimmed."""
-        raw = self._db.get(K.outcome_key(request_id))
-        return None if raw is None else K.decode_outcome(raw)
+        """Return the stored outcome of a request id, None if unknown or forgotten."""
+        return _find_outcome(self._db.get, self._gensums, request_id)
 
     def iter_live_slices(self) -> Iterator[tuple[int, int, SliceRef]]:
         """Yield (inode, chunk index, slice) for every slice of every file."""
@@ -491,6 +535,17 @@ def _items(db: Rdict, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, byte
             break
         yield key, value
     del ro
+
+
+def _find_outcome(
+    get: Callable[[bytes], bytes | None], gensums: dict[int, int], request_id: bytes
+) -> Outcome | None:
+    """Look a request id up in every outcome generation still kept, newest first."""
+    for gen in sorted(gensums, reverse=True):
+        raw = get(K.outcome_key(gen, request_id))
+        if raw is not None:
+            return K.decode_outcome(raw)
+    return None
 
 
 def _options(*, create: bool) -> Options:

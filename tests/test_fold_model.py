@@ -524,8 +524,12 @@ class FoldVersusModel(RuleBasedStateMachine):
         env = Envelope(cmd, "a", t, rid)
         [got] = self.state.apply([(off, env)]).outcomes
         # A retry is recognised while the outcome stored for its request id
-        # (under the offset that outcome names) is inside the window.
-        stored = [o for _o, e, o in self.sent if e.request_id == rid and o.offset >= off - WINDOW]
+        # (under the offset that outcome names) is in this generation of
+        # WINDOW offsets or the one before.
+        gen = off // WINDOW
+        stored = [
+            o for _o, e, o in self.sent if e.request_id == rid and o.offset // WINDOW >= gen - 1
+        ]
         if stored:
             assert got == stored[-1], f"retry of {cmd} gave {got}, first {stored[-1]}"
         else:
