@@ -74,6 +74,7 @@ def workload(n: int, seed: int = 1) -> list[tuple[int, Envelope]]:
     weights = [MIX[k] for k in kinds]
 
     def add(cmd: Any) -> int:
+        """Append a record of `cmd` at the next offset; return that offset."""
         offset = len(out)
         out.append((offset, Envelope(cmd, "bench", t + offset * 1000, rng.randbytes(16))))
         return offset
@@ -194,6 +195,7 @@ def decode_fold_rate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark; print records per second (as JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--batch", type=int, default=500)

@@ -241,18 +241,22 @@ class _Tx:
     # raw access
 
     def get(self, key: bytes) -> bytes | None:
+        """Return the value of `key` as this record has left it so far."""
         value = self.writes.get(key, _MISSING)
         if value is _MISSING:
             return self.base.get(key)
         return value
 
     def put(self, key: bytes, value: bytes) -> None:
+        """Set `key` to `value`."""
         self.writes[key] = value
 
     def delete(self, key: bytes) -> None:
+        """Delete `key`."""
         self.writes[key] = None
 
     def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Yield the live keys in [lo, hi), this record's writes included."""
         mine = sorted((k, v) for k, v in self.writes.items() if lo <= k < hi)
         return merge_scan(self.base.scan(lo, hi), mine)
 
@@ -263,18 +267,21 @@ class _Tx:
     # typed access
 
     def volume(self) -> VolumeInfo:
+        """Return the volume record."""
         raw = self.get(VOLUME_KEY)
         if raw is None:  # pragma: no cover - every command but CreateVolume checks first
             raise Reject(E.ENOENT)
         return decode_volume(raw)
 
     def attr(self, ino: int) -> Attr | None:
+        """Return the attributes of `ino`, None when it does not exist."""
         if not 0 < ino <= U64_MAX:
             return None
         raw = self.get(inode_key(ino))
         return None if raw is None else decode_attr(ino, raw)
 
     def put_attr(self, a: Attr) -> None:
+        """Write an inode's attributes."""
         self.writes[inode_key(a.ino)] = encode_attr(a)
 
     def entry(self, parent: int, name: bytes) -> tuple[int, int] | None:
@@ -283,6 +290,7 @@ class _Tx:
         return None if raw is None else decode_dirent(raw)
 
     def dir_is_empty(self, ino: int) -> bool:
+        """Whether directory `ino` has no entries."""
         return self.first(dirent_prefix(ino)) is None
 
     def touch_dir(self, ino: int, nlink_delta: int = 0) -> None:

@@ -5,7 +5,9 @@ big-endian fixed-width integers, so that RocksDB's bytewise order is the
 numeric order and every "all X of inode N" question is one prefix scan:
 
     tag  key                                         value
-    \\0   \\0 + name                                    meta: applied offset, digest, format
+    \\0   \\0 + name                                    meta (not digested): applied offset,
+                                                     digest, format, outcome window, and
+                                                     each outcome generation's digest share
     V    V                                           the volume record
     I    I + ino                                     inode attributes (Attr)
     S    S + ino                                     symlink target
@@ -31,7 +33,7 @@ per command and the state of a large volume holds hundreds of millions.
 Outcomes are grouped in generations of `window` offsets (generation =
 offset // window), so that forgetting old ones is one range deletion per
 generation instead of a delete per record. The digest's share of each
-generation is kept in meta (`\0gen` + generation) so the range can leave the
+generation is kept in meta (`\\0gen` + generation) so the range can leave the
 digest in O(1) too.
 
 The state digest is order-independent: the sum modulo 2**256 of
@@ -130,26 +132,32 @@ def name_cookie(name: bytes) -> int:
 
 
 def inode_key(ino: int) -> bytes:
+    """Key of an inode's attributes."""
     return TAG_INODE + _U64.pack(ino)
 
 
 def symlink_key(ino: int) -> bytes:
+    """Key of a symlink's target."""
     return TAG_SYMLINK + _U64.pack(ino)
 
 
 def parent_key(ino: int) -> bytes:
+    """Key of a directory's parent inode."""
     return TAG_PARENT + _U64.pack(ino)
 
 
 def orphan_key(ino: int) -> bytes:
+    """Key marking an inode with no links left, until Reclaim."""
     return TAG_ORPHAN + _U64.pack(ino)
 
 
 def dirent_prefix(parent: int) -> bytes:
+    """Prefix of every entry of directory `parent`."""
     return TAG_DIRENT + _U64.pack(parent)
 
 
 def dirent_key(parent: int, name: bytes) -> bytes:
+    """Key of the entry `name` of directory `parent`."""
     return TAG_DIRENT + _U64X2.pack(parent, name_cookie(name)) + name
 
 
@@ -165,10 +173,12 @@ def split_dirent_key(key: bytes) -> tuple[int, int, bytes]:
 
 
 def chunk_prefix(ino: int) -> bytes:
+    """Prefix of every chunk of a file."""
     return TAG_CHUNK + _U64.pack(ino)
 
 
 def chunk_key(ino: int, index: int) -> bytes:
+    """Key of the slice list of chunk `index` of a file."""
     return TAG_CHUNK + _U64X2.pack(ino, index)
 
 
@@ -179,14 +189,17 @@ def split_chunk_key(key: bytes) -> tuple[int, int]:
 
 
 def xattr_prefix(ino: int) -> bytes:
+    """Prefix of every extended attribute of an inode."""
     return TAG_XATTR + _U64.pack(ino)
 
 
 def xattr_key(ino: int, name: bytes) -> bytes:
+    """Key of the extended attribute `name` of an inode."""
     return TAG_XATTR + _U64.pack(ino) + name
 
 
 def outcome_key(generation: int, request_id: bytes) -> bytes:
+    """Key of the outcome of a request folded in outcome generation `generation`."""
     return TAG_OUTCOME + _U64.pack(generation) + request_id
 
 
@@ -231,14 +244,17 @@ class Attr:
 
     @property
     def is_dir(self) -> bool:
+        """Whether this is a directory."""
         return stat.S_ISDIR(self.mode)
 
     @property
     def is_reg(self) -> bool:
+        """Whether this is a regular file."""
         return stat.S_ISREG(self.mode)
 
     @property
     def is_symlink(self) -> bool:
+        """Whether this is a symbolic link."""
         return stat.S_ISLNK(self.mode)
 
 
@@ -259,6 +275,7 @@ def encode_attr(a: Attr) -> bytes:
 
 
 def decode_attr(ino: int, data: bytes) -> Attr:
+    """Unpack the attributes of inode `ino`."""
     return Attr(ino, *_ATTR.unpack(data))
 
 
@@ -287,10 +304,12 @@ def encode_slice(s: SliceRef) -> bytes:
 
 
 def encode_slices(slices: list[SliceRef]) -> bytes:
+    """Pack a chunk's slice list, oldest first."""
     return b"".join(encode_slice(s) for s in slices)
 
 
 def decode_slices(data: bytes) -> list[SliceRef]:
+    """Unpack a chunk's slice list, oldest first."""
     out: list[SliceRef] = []
     at = 0
     size = _SLICE.size
@@ -319,10 +338,12 @@ def slice_ids(data: bytes) -> list[int]:
 
 
 def encode_outcome(o: Outcome) -> bytes:
+    """Pack an outcome: errno, inode, offset."""
     return _OUTCOME.pack(o.errno, o.inode, o.offset)
 
 
 def decode_outcome(data: bytes) -> Outcome:
+    """Unpack an outcome."""
     errno_, inode, offset = _OUTCOME.unpack(data)
     return Outcome(errno_, inode, offset)
 
@@ -361,6 +382,7 @@ def _unpack_str(data: bytes, at: int) -> tuple[str, int]:
 
 
 def encode_volume(v: VolumeInfo) -> bytes:
+    """Pack the volume record: sizes, then length-prefixed UTF-8 strings."""
     parts = [_VOLUME.pack(v.chunk_size, v.block_size, v.retention_s, len(v.regions))]
     parts.append(_pack_str(v.name))
     parts.append(_pack_str(v.primary))
@@ -397,18 +419,22 @@ def fits_str16(s: str) -> bool:
 
 
 def encode_offset(offset: int) -> bytes:
+    """Pack a signed 64-bit offset (meta values)."""
     return _I64.pack(offset)
 
 
 def decode_offset(data: bytes) -> int:
+    """Unpack a signed 64-bit offset."""
     return int(_I64.unpack(data)[0])
 
 
 def encode_u32(n: int) -> bytes:
+    """Pack an unsigned 32-bit integer (meta values)."""
     return _U32.pack(n)
 
 
 def decode_u32(data: bytes) -> int:
+    """Unpack an unsigned 32-bit integer."""
     return int(_U32.unpack(data)[0])
 
 

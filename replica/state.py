@@ -15,7 +15,9 @@ loses nothing, since the WAL write reached the kernel before `apply` returned.
 
 Within a batch, records see the writes of the records before them through an
 overlay (`_Batch`) in front of the database; the digest is updated on every
-put and delete from the value it replaces. A small cache of values read or
+put and delete from the value it replaces. Outcomes of old requests leave in
+whole generations (see fold.py): one range deletion, and the generation's
+share of the digest, kept in meta, subtracted at once. A small cache of values read or
 written by earlier batches serves the fold's hot keys (the volume record,
 busy directories); only the single writer fills it, under the directory's
 exclusive lock, so it is never stale.
@@ -115,6 +117,7 @@ class _Batch:
     _unsorted: list[bytes] = field(default_factory=list)
 
     def get(self, key: bytes) -> bytes | None:
+        """Return the value of `key` as the batch has left it so far."""
         value = self.dirty.get(key, _MISSING)
         if value is _MISSING:
             value = self.cache.get(key, _MISSING)
@@ -124,6 +127,7 @@ class _Batch:
         return value
 
     def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Yield the live keys in [lo, hi), the batch's writes included."""
         if self._unsorted:
             # Timsort merges the two sorted runs in linear time.
             self._unsorted.sort()
@@ -398,6 +402,7 @@ class State:
         return K.EMPTY_DIGEST if raw is None else bytes(raw)
 
     def digest_hex(self) -> str:
+        """Return the digest as 64 hex digits."""
         return self.digest().hex()
 
     def recompute_digest(self) -> bytes:
