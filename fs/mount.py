@@ -590,25 +590,102 @@ def _detach_stdio(cfg: MountConfig) -> None:
 
 
 def _write_record(cfg: MountConfig) -> None:
-    record = {"pid": os.getpid(), "mountpoint": cfg.mountpoint, "state_dir": cfg.state_dir}
+    record = {
+        "pid": os.getpid(),
+        "mountpoint": cfg.mountpoint,
+        "volume": cfg.volume,
+        "journal_url": cfg.journal_url,
+        "region": cfg.region,
+        "state_dir": cfg.state_dir,
+    }
     path = _record_path(cfg.mountpoint)
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        with open(path, "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             json.dump(record, f)
+        os.replace(tmp, path)
         with open(os.path.join(cfg.state_dir, "mount.pid"), "w") as f:
             f.write(f"{os.getpid()}\n")
     except OSError as exc:
         log.warning("cannot record the mount for umount: %s", exc)
 
 
+def _read_record(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
 def _remove_record(cfg: MountConfig) -> None:
-    for path in (_record_path(cfg.mountpoint), os.path.join(cfg.state_dir, "mount.pid")):
+    path = _record_path(cfg.mountpoint)
+    record = _read_record(path)
+    if record is not None and record["pid"] == os.getpid():
         with contextlib.suppress(OSError):
-            with open(path) as f:
-                text = f.read()
-            if str(os.getpid()) in text:
-                os.unlink(path)
+            os.unlink(path)
+    pidfile = os.path.join(cfg.state_dir, "mount.pid")
+    with contextlib.suppress(OSError, ValueError):
+        with open(pidfile) as f:
+            pid = int(f.read().strip())
+        if pid == os.getpid():
+            os.unlink(pidfile)
+
+
+def mount_record(mountpoint: str) -> dict[str, Any] | None:
+    """Describe the live tidefs mount at `mountpoint`, None if there is none.
+
+    Keys: pid, mountpoint, volume, journal_url, region, state_dir.
+    """
+    record = _read_record(_record_path(canonical_mountpoint(mountpoint)))
+    if record is None or not _alive(record["pid"]):
+        return None
+    return record
+
+
+def sync_mount(mountpoint: str, *, timeout: float = 60.0) -> int:
+    """Wait until the mount at `mountpoint` has applied everything appended before this call.
+
+    The barrier of `tidefs sync`: the log's head is read first, then the
+    mount's state is polled (read-only) until its applied offset reaches it.
+    Returns the exit code; errors are one line on stderr.
+    """
+    from tidefs.journal.log import JournalError, open_log
+    from tidefs.replica.state import State, StateError
+
+    record = mount_record(mountpoint)
+    if record is None:
+        print(f"tidefs sync: {mountpoint} is not a live tidefs mount", file=sys.stderr)
+        return 1
+    try:
+        with open_log(record["journal_url"], record["volume"]) as lg:
+            target = lg.head() - 1
+    except JournalError as exc:
+        print(f"tidefs sync: journal {record['journal_url']} is not usable: {exc}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + timeout
+    applied = -1
+    while True:
+        try:
+            state = State.open(record["state_dir"], read_only=True)
+            try:
+                applied = state.applied_offset()
+            finally:
+                state.close()
+        except StateError as exc:
+            log.debug("cannot read the mount's state yet: %s", exc)
+        if applied >= target:
+            return 0
+        if time.monotonic() > deadline:
+            print(
+                f"tidefs sync: {mountpoint} applied offset {applied}, "
+                f"not {target}, within {timeout:g}s",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(0.02)
 
 
 def _alive(pid: int) -> bool:
@@ -629,9 +706,8 @@ def umount(mountpoint: str, *, timeout: float = 60.0) -> int:
     A mount without a live daemon is detached with fusermount3.
     """
     mp = canonical_mountpoint(mountpoint)
-    pid = None
-    with contextlib.suppress(OSError, ValueError, KeyError), open(_record_path(mp)) as f:
-        pid = int(json.load(f)["pid"])
+    record = _read_record(_record_path(mp))
+    pid = record["pid"] if record is not None else None
     if pid is not None and _alive(pid):
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout

@@ -477,6 +477,11 @@ class TideOps(pyfuse3.Operations):
                 parent_inode, name, stat.S_IFREG | (mode & 0o7777), uid, gid, 0, exclusive
             ),
         )
+        if flags & os.O_TRUNC and entry.st_size > 0:
+            # Another region created the name first (O_CREAT without O_EXCL
+            # then opens that file): O_TRUNC still applies to it.
+            await self._run(self._truncate_on_open, entry.st_ino)
+            entry = await self._run(self._entry_of, entry.st_ino)
         fh = self.data.open(entry.st_ino, flags)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 

@@ -139,3 +139,54 @@ def test_two_regions_see_each_others_changes(mount_factory: MountFactory, tmp_pa
     wait_for(lambda: sorted(os.listdir(a.path)) == ["dir", "renamed"])
     os.unlink(a.path / "dir" / "x")
     wait_for(lambda: os.listdir(b.path / "dir") == [])
+
+
+def test_mirror_replicates_and_exports_metrics(mount_factory: MountFactory, tmp_path: Path) -> None:
+    """A region's mount copies blocks it lacks in the background, and says so on /metrics."""
+    from tests.harness.s3 import free_port
+
+    regions = [("a", (tmp_path / "sa").as_uri()), ("b", (tmp_path / "sb").as_uri())]
+    a = mount_factory(regions=regions, region="a")
+    data = os.urandom(300_000)
+    (a.path / "f").write_bytes(data)
+    port = free_port()
+    b = mount_factory(
+        volume=a.volume,
+        journal_url=a.journal_url,
+        region="b",
+        extra=["--metrics-port", str(port)],
+    )
+
+    def copied() -> bool:
+        return sum(1 for q in (tmp_path / "sb").rglob("*") if q.is_file()) >= 5
+
+    wait_for(copied)  # 300 kB in 64 KiB blocks: five blocks reach region b's store
+    assert read(b.path / "f") == data
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert "tidefs_fuse_op_seconds" in text
+    assert "tidefs_fallback_reads" in text
+
+
+def test_max_staleness_mount_serves(mount_factory: MountFactory) -> None:
+    m = mount_factory(extra=["--max-staleness", "0.5"])
+    (m.path / "x").write_bytes(b"fresh")
+    assert read(m.path / "x") == b"fresh"
+
+
+def test_sync_is_a_barrier_across_regions(mount_factory: MountFactory, tmp_path: Path) -> None:
+    from tidefs.fs.mount import mount_record, sync_mount
+
+    regions = [("a", (tmp_path / "sa").as_uri()), ("b", (tmp_path / "sb").as_uri())]
+    a = mount_factory(regions=regions, region="a")
+    b = mount_factory(volume=a.volume, journal_url=a.journal_url, region="b")
+    record = mount_record(str(b.path))
+    assert record is not None and record["region"] == "b"
+    for i in range(20):
+        (a.path / f"f{i}").write_bytes(b"%d" % i)
+        assert sync_mount(str(b.path)) == 0
+        # after the barrier, b has folded the create and the commit
+        assert (b.path / f"f{i}").read_bytes() == b"%d" % i
+    assert sync_mount(str(tmp_path)) == 1
