@@ -583,8 +583,13 @@ class DataPath:
         for ext, b in to_upload:
             ext.uploads[b] = self._io.submit(self._upload, ext.slice_id, b, ext.payload(b))
         if dirty > min(self.dirty_limit, 2 * cs + self.block_size):
-            # Backpressure: a writer far ahead of its uploads waits for them here.
-            self.flush(ino)
+            # Backpressure: a writer far ahead of its commits waits for them here,
+            # for the chunks committing behind it if any, else by flushing.
+            background = buf.background
+            if background is not None:
+                background.result()
+            if buf.bytes > min(self.dirty_limit, 2 * cs + self.block_size):
+                self.flush(ino)
         return len(data)
 
     def _extent_for(self, buf: InodeBuffer, chunk: int, pos: int) -> Extent:
@@ -627,8 +632,9 @@ class DataPath:
             while True:
                 with buf.lock:
                     if upto not in buf.extents:
-                        return
+                        break
                 self._commit_leading(buf)
+        self.forget_idle(ino)  # a timed flush after the last close leaves nothing behind
 
     def flush_all(self) -> list[tuple[int, DataError]]:
         """Flush every inode; return the failures instead of stopping at the first."""
@@ -681,7 +687,15 @@ class DataPath:
         if not batch:
             return
         for group, runs in self._plan(batch):
-            self._commit_runs(buf.ino, runs)
+            try:
+                self._commit_runs(buf.ino, runs)
+            except DataError as exc:
+                if exc.errno != errno.EIO:
+                    # The fold refused the commit (the file is gone, the range
+                    # is invalid): retrying cannot succeed. Report it once.
+                    with buf.lock:
+                        buf.drop(group)
+                raise
             with buf.lock:
                 buf.drop(group)
             self._after_commit(buf.ino, {r.chunk for r in runs})
