@@ -112,7 +112,7 @@ DEFAULT_RETRY_BASE_S = 0.2
 DEFAULT_RETRY_MAX_S = 30.0
 """Longest delay between two tries of one block."""
 
-STATE_POLL_S = 0.01
+STATE_POLL_S = 0.002
 """How often the replicator looks again when its next block waits for the fold."""
 
 LOG_POLL_BUSY_S = 0.05
@@ -630,6 +630,15 @@ class Replicator:
                 log_position=self._position,
                 error=self._error,
             )
+
+    def status_fields(self) -> dict[str, float]:
+        """Return the backlog as the fields of a region's status report (`tidefs status`)."""
+        b = self.backlog()
+        return {
+            "backlog_blocks": b.blocks,
+            "backlog_bytes": b.bytes,
+            "backlog_oldest_s": round(b.oldest_age_s, 3),
+        }
 
     def failures(self) -> list[BlockFailure]:
         """Return the blocks whose last copy attempt failed, most tried first."""
