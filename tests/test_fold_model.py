@@ -1029,12 +1029,13 @@ def test_open_with_o_creat_names_the_existing_file(tmp_path: Any) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_fold_versus_model_soak() -> None:
     """The state machine above, longer and more often (the slow tier)."""
     run_state_machine_as_test(
         FoldVersusModel,
         settings=settings(
-            max_examples=2000,
+            max_examples=1500,
             stateful_step_count=100,
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
