@@ -1,3 +1,4 @@
+# mypy: disable-error-code="func-returns-value"
 """POSIX behaviour of a mount, checked against a local directory as the oracle.
 
 Every case runs one call on a fresh tree in the mount and on the same tree in a
