@@ -32,6 +32,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from tests.strategies import envelopes
 from tidefs.journal.commands import (
     LINK_MAX,
     NAME_MAX,
@@ -872,11 +873,6 @@ class DictReader:
                 self.data[k] = v
 
 
-def _envelopes() -> Any:
-    strategies = pytest.importorskip("tests.strategies")
-    return strategies.envelopes()
-
-
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_decodable_record_folds_without_raising(data: st.DataObject) -> None:
@@ -886,7 +882,7 @@ def test_any_decodable_record_folds_without_raising(data: st.DataObject) -> None
     view.commit(fold_record(view, -1, 0, Envelope(create, "r", T0, bytes(16))).writes)
     view.commit(fold_record(view, 0, 1, Envelope(Mkdir(1, b"d", 0o755, 0, 0), "r", T0)).writes)
     view.commit(fold_record(view, 1, 2, Envelope(Mknod(1, b"f", 0o644, 0, 0), "r", T0)).writes)
-    envs = data.draw(st.lists(_envelopes(), min_size=1, max_size=8))
+    envs = data.draw(st.lists(envelopes(), min_size=1, max_size=8))
     for i, env in enumerate(envs):
         folded = fold_record(view, 2 + i, 3 + i, env)
         assert 0 <= folded.outcome.offset <= 3 + i
