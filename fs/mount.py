@@ -491,6 +491,7 @@ def run_mount(
     flush_interval: float = 2.0,
     compact_threshold: int = 16,
     compact_delay: float = 5.0,
+    attr_timeout: float = 1.0,
 ) -> int:
     """Mount `volume` at `mountpoint` for `region`; return the process exit code.
 
@@ -498,6 +499,13 @@ def run_mount(
     once a daemon serves the mount, or 1 with its error line on stderr.
     `ready_fd`, when given, receives b"ready\\n" once the mount serves (or an
     "error ..." line) and is closed.
+
+    Tuning, with defaults for production: `flush_interval` (seconds a write
+    may stay buffered), `compact_threshold` (slices that make a chunk worth
+    compacting; 0 disables compaction) and `compact_delay` (quiet seconds
+    before it is compacted), `attr_timeout` (how long the kernel may cache
+    attributes and names; changes from other writers are invalidated at once
+    regardless, this only bounds the damage of a missed invalidation).
     """
     cfg = MountConfig(
         volume=volume,
@@ -513,6 +521,7 @@ def run_mount(
         flush_interval=flush_interval,
         compact_threshold=compact_threshold,
         compact_delay=compact_delay,
+        attr_timeout=attr_timeout,
     )
     try:
         check_config(cfg)
@@ -754,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flush-interval", type=float, default=2.0)
     p.add_argument("--compact-threshold", type=int, default=16)
     p.add_argument("--compact-delay", type=float, default=5.0)
+    p.add_argument("--attr-timeout", type=float, default=1.0)
     p.add_argument("--umount", action="store_true", help="unmount MOUNTPOINT instead")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -779,6 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush_interval=args.flush_interval,
         compact_threshold=args.compact_threshold,
         compact_delay=args.compact_delay,
+        attr_timeout=args.attr_timeout,
     )
 
 

@@ -281,7 +281,15 @@ class TideOps(pyfuse3.Operations):
             return self._entry_of(up if up is not None else parent)
         child = self.state.lookup(parent, name)
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            if self.state.getattr(parent) is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            # A negative entry the kernel may cache: searches along a path
+            # (imports, PATH lookups) then cost one round trip, not one per
+            # try. A create elsewhere invalidates it (see coherence.py).
+            miss = pyfuse3.EntryAttributes()
+            miss.st_ino = 0
+            miss.entry_timeout = self.entry_timeout
+            return miss
         return self._entry_of(child)
 
     @handler

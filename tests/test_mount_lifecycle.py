@@ -190,3 +190,28 @@ def test_sync_is_a_barrier_across_regions(mount_factory: MountFactory, tmp_path:
         # after the barrier, b has folded the create and the commit
         assert (b.path / f"f{i}").read_bytes() == b"%d" % i
     assert sync_mount(str(tmp_path)) == 1
+
+
+def test_remote_changes_invalidate_long_kernel_caches(
+    mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    """With 60 s kernel caches, another region's changes still show within seconds."""
+    from tidefs.fs.mount import sync_mount
+
+    regions = [("a", (tmp_path / "sa").as_uri()), ("b", (tmp_path / "sb").as_uri())]
+    a = mount_factory(regions=regions, region="a")
+    b = mount_factory(
+        volume=a.volume, journal_url=a.journal_url, region="b", extra=["--attr-timeout", "60"]
+    )
+    assert read(b.path / "late") is None  # b's kernel now caches the name as absent
+    (a.path / "doc").write_bytes(b"version 1")
+    assert sync_mount(str(b.path)) == 0
+    wait_for(lambda: read(b.path / "doc") == b"version 1", timeout=5)
+    (a.path / "late").write_bytes(b"here")
+    wait_for(lambda: read(b.path / "late") == b"here", timeout=5)
+    (a.path / "doc").write_bytes(b"version 2")  # same size: only data and mtime change
+    wait_for(lambda: read(b.path / "doc") == b"version 2", timeout=5)
+    os.chmod(a.path / "doc", 0o600)
+    wait_for(lambda: os.stat(b.path / "doc").st_mode & 0o777 == 0o600, timeout=5)
+    os.unlink(a.path / "late")
+    wait_for(lambda: not os.path.exists(b.path / "late"), timeout=5)
