@@ -62,12 +62,17 @@ def test_daemon_mounts_and_umount_flushes(mount_factory: MountFactory) -> None:
         ("region", "is not a region of volume"),
         ("mountpoint", "does not exist or is not a directory"),
         ("journal", "journal"),
+        ("store", "is not usable"),
     ],
 )
 def test_bad_configuration_fails_fast(
     mount_factory: MountFactory, change: str, message: str
 ) -> None:
-    m = mount_factory(start=False)
+    dead = "s3://bucket/p?endpoint=http://127.0.0.1:9&region=us-east-1"
+    if change == "store":
+        m = mount_factory(dead, start=False, check_stores=False)
+    else:
+        m = mount_factory(start=False)
     m.path.mkdir()
     volume, mountpoint, journal, region = m.volume, str(m.path), m.journal_url, m.region
     if change == "volume":

@@ -184,6 +184,7 @@ def _factory(base: Path) -> Iterator[MountFactory]:
         start: bool = True,
         volume: str | None = None,
         journal_url: str | None = None,
+        check_stores: bool = True,
     ) -> TidefsMount:
         """Format a fresh volume (unless `volume` names one) and mount `region` of it."""
         n = next(counter)
@@ -201,6 +202,7 @@ def _factory(base: Path) -> Iterator[MountFactory]:
                 regions[0][0],
                 chunk_size=chunk_size,
                 block_size=block_size,
+                check_stores=check_stores,
             )
         assert journal_url is not None
         m = TidefsMount(
