@@ -316,6 +316,7 @@ class State:
         """Fold `batch` (in offset order) and commit it in one RocksDB write batch.
 
         If anything raises, nothing is written and the state stays as it was.
+        One thread applies (the follower); any number may read meanwhile.
         """
         if self.read_only:
             raise StateError(f"the state at {self.path} is open read-only")
