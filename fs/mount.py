@@ -236,7 +236,6 @@ class Mount:
             replica=self.replica,
             own=own,
             data=self.data,
-            block_size=vol.block_size,
             attr_timeout=cfg.attr_timeout,
             entry_timeout=cfg.attr_timeout,
             max_staleness=cfg.max_staleness,

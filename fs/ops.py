@@ -126,7 +126,6 @@ class TideOps(pyfuse3.Operations):
         replica: Replica,
         own: OwnRequests,
         data: DataPath,
-        block_size: int,
         attr_timeout: float = 1.0,
         entry_timeout: float = 1.0,
         max_staleness: float | None = None,
@@ -138,7 +137,6 @@ class TideOps(pyfuse3.Operations):
         self.own = own
         self.data = data
         self._reclaimer = ThreadPoolExecutor(1, thread_name_prefix="tidefs-reclaim")
-        self.block_size = block_size
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self.max_staleness = max_staleness
@@ -231,7 +229,7 @@ class TideOps(pyfuse3.Operations):
             return
         try:
             outcome = self.own.submit(Reclaim(inode=ino))
-        except Exception as exc:  # the orphan stays; gc or a later mount retries
+        except Exception as exc:  # the orphan stays, with its blocks, until reclaimed
             log.warning("cannot reclaim inode %d: %s", ino, exc)
             return
         if not outcome.ok and outcome.errno != errno.ENOENT:
