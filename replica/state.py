@@ -30,15 +30,15 @@ State sees the directory as it was when it was opened.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -63,6 +63,7 @@ LOCK_FILE = "tidefs.lock"
 
 _CACHE_MAX = 200_000
 _LEN = struct.Struct(">I")  # the key-length prefix of keys.entry_hash
+_PREFIX = 9  # tag + inode: every scan of the fold stays within one such prefix
 _MISSING: Any = object()
 _INODE_TAGS = frozenset(
     t[0] for t in (K.TAG_INODE, K.TAG_SYMLINK, K.TAG_PARENT, K.TAG_CHUNK, K.TAG_XATTR, K.TAG_ORPHAN)
@@ -102,19 +103,31 @@ class ApplyResult:
     skipped: int = 0
 
 
-@dataclass(slots=True)
 class _Batch:
-    """The state during one apply: pending writes over the database, and the running digest."""
+    """The state during one apply: pending writes over the database.
 
-    db: Rdict
-    cache: dict[bytes, bytes | None]
-    hashes: dict[bytes, int]
-    digest: int
-    gensums: dict[int, int]
-    dirty: dict[bytes, bytes | None] = field(default_factory=dict)
-    dropped: list[int] = field(default_factory=list)
-    _sorted: list[bytes] = field(default_factory=list)
-    _unsorted: list[bytes] = field(default_factory=list)
+    The digest is brought up to date once, in `finish`, from each written
+    key's value before the batch and after it: a directory touched by a
+    hundred records of a batch is hashed once, not a hundred times.
+    """
+
+    __slots__ = ("by_prefix", "cache", "db", "dirty", "dropped", "gensums", "hashes", "orig")
+
+    def __init__(
+        self,
+        db: Rdict,
+        cache: dict[bytes, bytes | None],
+        hashes: dict[bytes, int],
+        gensums: dict[int, int],
+    ) -> None:
+        self.db = db
+        self.cache = cache
+        self.hashes = hashes
+        self.gensums = gensums
+        self.dirty: dict[bytes, bytes | None] = {}
+        self.orig: dict[bytes, bytes | None] = {}
+        self.by_prefix: dict[bytes, list[bytes]] = {}
+        self.dropped: list[int] = []
 
     def get(self, key: bytes) -> bytes | None:
         """Return the value of `key` as the batch has left it so far."""
@@ -123,66 +136,68 @@ class _Batch:
             value = self.cache.get(key, _MISSING)
             if value is _MISSING:
                 value = self.db.get(key)
-                self.cache[key] = value
+                if key[0] != _OUTCOME_TAG:  # looked up once per record, never again
+                    self.cache[key] = value
         return value
 
     def scan(self, lo: bytes, hi: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Yield the live keys in [lo, hi), the batch's writes included."""
-        if self._unsorted:
-            # Timsort merges the two sorted runs in linear time.
-            self._unsorted.sort()
-            self._sorted.extend(self._unsorted)
-            self._sorted.sort()
-            self._unsorted.clear()
-        i = bisect.bisect_left(self._sorted, lo)
-        j = bisect.bisect_left(self._sorted, hi)
-        overlay = [(k, self.dirty[k]) for k in self._sorted[i:j]]
+        pending: Iterable[bytes]
+        prefix = lo[:_PREFIX]
+        if len(prefix) == _PREFIX and hi <= K.prefix_end(prefix):
+            # The fold scans within one tag + inode prefix: look at those writes only.
+            pending = self.by_prefix.get(prefix, ())
+        else:
+            pending = self.dirty
+        overlay = sorted((k, self.dirty[k]) for k in pending if lo <= k < hi)
         return merge_scan(_items(self.db, lo, hi), overlay)
 
     def write(self, writes: dict[bytes, bytes | None], fresh: AbstractSet[bytes]) -> None:
-        """Apply one record's puts (deletes where None) and keep the digest current.
-
-        Keys in `fresh` cannot exist yet, which saves reading them. This loop
-        runs for every key the fold writes, so it is written for speed.
-        """
-        dirty, hashes, get, blake2b = self.dirty, self.hashes, self.get, hashlib.blake2b
-        digest = self.digest
+        """Apply one record's puts (deletes where None); keys in `fresh` cannot exist yet."""
+        dirty, orig = self.dirty, self.orig
         for key, value in writes.items():
-            old = None if key in fresh else get(key)
+            if key not in dirty:
+                orig[key] = None if key in fresh else self.get(key)
+                self.by_prefix.setdefault(key[:_PREFIX], []).append(key)
+            dirty[key] = value
+
+    def drop(self, gen: int) -> None:
+        """Delete outcome generation `gen` as a whole; `finish` takes its share off the digest."""
+        lo, hi = K.outcome_prefix(gen), K.outcome_prefix(gen + 1)
+        for key in self.by_prefix.get(lo[:_PREFIX], ()):
+            if lo <= key < hi:
+                # Written in this batch: it never reaches the digest or the share.
+                self.dirty[key] = None
+                self.orig[key] = None
+        self.dropped.append(gen)
+
+    def finish(self, digest: int) -> int:
+        """Fold every written key's change into `digest` and the generation shares; return it."""
+        hashes, gensums, blake2b, size = self.hashes, self.gensums, hashlib.blake2b, K.DIGEST_SIZE
+        for gen in self.dropped:
+            digest -= gensums.pop(gen, 0)
+        for key, value in self.dirty.items():
+            old = self.orig[key]
             if old == value:
                 continue
             delta = 0
             if old is not None:
-                # A key written by an earlier record (a busy directory) has its hash at hand.
                 old_hash = hashes.get(key)
                 delta -= K.entry_hash(key, old) if old_hash is None else old_hash
+            new_hash = 0
             if value is not None:
                 prefix = _LEN.pack(len(key))
-                new_hash = int.from_bytes(
-                    blake2b(prefix + key + value, digest_size=K.DIGEST_SIZE).digest(), "big"
-                )
+                new_hash = int.from_bytes(blake2b(prefix + key + value, digest_size=size).digest())
                 delta += new_hash
-                hashes[key] = new_hash
             digest += delta
             if key[0] == _OUTCOME_TAG:
+                # Outcomes are written once and leave with their generation:
+                # their hashes go to the generation's share, not the cache.
                 gen = K.read_u64(key, 1)
-                self.gensums[gen] = self.gensums.get(gen, 0) + delta
-            if key not in dirty:
-                self._unsorted.append(key)
-            dirty[key] = value
-        self.digest = digest
-
-    def drop(self, gen: int) -> None:
-        """Delete outcome generation `gen` as a whole: its digest share goes in one step."""
-        self.digest -= self.gensums.pop(gen, 0)
-        lo, hi = K.outcome_prefix(gen), K.outcome_prefix(gen + 1)
-        for key in [k for k in self.dirty if lo <= k < hi]:
-            self.dirty[key] = None  # already out of the digest with the generation
-        # Once per window: a pass over the caches, cheaper than refilling them.
-        for cached in (self.cache, self.hashes):
-            for key in [k for k in cached if lo <= k < hi]:
-                del cached[key]
-        self.dropped.append(gen)
+                gensums[gen] = gensums.get(gen, 0) + delta
+            elif value is not None:
+                hashes[key] = new_hash
+        return digest % K.DIGEST_MOD
 
 
 class State:
@@ -320,14 +335,16 @@ class State:
         """
         if self.read_only:
             raise StateError(f"the state at {self.path} is open read-only")
-        if len(self._cache) > _CACHE_MAX or len(self._hashes) > _CACHE_MAX:
-            self._cache.clear()
-            self._hashes.clear()
+        for cached in (self._cache, self._hashes):
+            if len(cached) > _CACHE_MAX:
+                # Dicts keep insertion order: forget the older half, keep the warm one.
+                for key in list(itertools.islice(cached, len(cached) // 2)):
+                    del cached[key]
         try:
             return self._apply(batch)
         except BaseException:
-            # The batch's value hashes went into _hashes as it folded: a batch
-            # that did not commit must leave no trace in either cache.
+            # The batch's value hashes went into _hashes as it finished: a
+            # batch that did not commit must leave no trace in either cache.
             self._cache.clear()
             self._hashes.clear()
             raise
@@ -335,7 +352,7 @@ class State:
     def _apply(self, batch: Sequence[tuple[int, Envelope]]) -> ApplyResult:
         start = self._applied
         applied = start
-        view = _Batch(self._db, self._cache, self._hashes, self._digest, dict(self._gensums))
+        view = _Batch(self._db, self._cache, self._hashes, dict(self._gensums))
         outcomes: list[Outcome] = []
         inodes: set[int] = set()
         entries: set[tuple[int, bytes]] = set()
@@ -356,7 +373,9 @@ class State:
             applied = offset
         if applied == start:
             return ApplyResult(outcomes, applied_offset=applied, skipped=skipped)
+        digest = view.finish(self._digest)
         wb = WriteBatch(raw_mode=True)
+        cacheable: dict[bytes, bytes | None] = {}
         for key, value in view.dirty.items():
             tag = key[0]
             if tag in _INODE_TAGS:
@@ -365,6 +384,8 @@ class State:
                 parent, _cookie, name = K.split_dirent_key(key)
                 entries.add((parent, name))
                 inodes.add(parent)
+            if tag != _OUTCOME_TAG:
+                cacheable[key] = value
             if value is None:
                 wb.delete(key)
             else:
@@ -376,11 +397,15 @@ class State:
         for gen, total in gensums.items():
             if self._gensums.get(gen) != total:
                 wb.put(K.gensum_key(gen), K.digest_bytes(total))
-        digest = view.digest % K.DIGEST_MOD
         wb.put(K.META_APPLIED, K.encode_offset(applied))
         wb.put(K.META_DIGEST, K.digest_bytes(digest))
         self._db.write(wb, self._wopts)
-        self._cache.update(view.dirty)
+        if view.dropped:
+            # A range deletion in the memtable costs every later point read a
+            # check against it; flushed to a table file it costs nothing. Once
+            # per outcome window, so the flush is cheap.
+            self._db.flush(wait=False)
+        self._cache.update(cacheable)
         self._applied = applied
         self._digest = digest
         self._gensums = gensums
