@@ -159,6 +159,9 @@ class _Batch:
             if key not in dirty:
                 orig[key] = None if key in fresh else self.get(key)
                 self.by_prefix.setdefault(key[:_PREFIX], []).append(key)
+                if key[0] == _OUTCOME_TAG:
+                    # List the generation at once, so lookups in this batch find it.
+                    self.gensums.setdefault(K.read_u64(key, 1), 0)
             dirty[key] = value
 
     def drop(self, gen: int) -> None:

@@ -248,6 +248,18 @@ def test_a_retried_request_takes_effect_once(tmp_path: Path) -> None:
         assert late.errno != 0 and late.offset == late_offset  # EEXIST: it ran again
 
 
+def test_a_record_delivered_twice_in_one_batch_gets_its_outcome_twice(tmp_path: Path) -> None:
+    create = CreateVolume("v", (Region("r", "u"),), "r")
+    mkdir = Envelope(Mkdir(ROOT_INODE, b"d", 0o755, 0, 0), "r", T0)
+    with State.open(tmp_path / "s", outcome_window=4) as state:
+        # Offset 4 opens a new outcome generation inside the batch.
+        batch = [(0, Envelope(create, "r", T0))]
+        batch += [(o, Envelope(Noop(), "r", T0)) for o in (1, 2, 3)]
+        result = state.apply([*batch, (4, mkdir), (4, mkdir), (2, batch[2][1])])
+        assert result.outcomes[4] == result.outcomes[5] == Outcome(0, inode_for_offset(4), 4)
+        assert result.outcomes[6] == Outcome(0, 0, 2) and result.skipped == 2
+
+
 def test_the_digest_sees_every_key_and_value(tmp_path: Path) -> None:
     fold(tmp_path / "s", records(300, seed=2), 50)
     _offset, digest, dump = snapshot(tmp_path / "s")
