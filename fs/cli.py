@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_digest)
 
+    from tidefs.fs.opscli import register
+
+    register(sub, journal_arg)
     return p
 
 

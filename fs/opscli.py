@@ -1,0 +1,635 @@
+"""The operations subcommands of `tidefs`: snapshot, restore, verify, fsck and gc.
+
+They follow the conventions of `tidefs.fs.cli` (exit 0 on success, 1 with one
+line on stderr for an operational error, `--json` for scripts, progress on
+stderr) with two documented exceptions: `verify` exits 1 when the regions
+diverge and `fsck` exits 1 when a fault is left unrepaired, so that a cron job
+or a CI step can alert on them; their `--json` output says which it was.
+
+None of them touches a region's own state directory for writing: each works
+on a private state, rebuilt from the newest snapshot and the log in a
+temporary directory (`--work-dir`, default the system's), or copied without
+taking the mount's lock (`--state-dir`). A SIGKILL at any point leaves the
+volume correct, and running the same command again completes the job; a
+killed run may leave its temporary directory behind (`tidefs-*` in the work
+directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from tidefs.fs import cli as _cli_module
+from tidefs.fs.cli import parse_duration
+
+if TYPE_CHECKING:
+    from tidefs.fs.progress import Progress
+    from tidefs.journal.log import Log
+    from tidefs.replica.keys import VolumeInfo
+    from tidefs.replica.store import BlockStore
+
+Handler = Callable[[argparse.Namespace], int]
+
+_cli: ModuleType = _cli_module
+"""The module whose parser registered these commands, and whose `CliError` its main catches.
+
+Run as `python -m tidefs.fs.cli`, the CLI is the module `__main__`, a second
+copy of `tidefs.fs.cli` with its own `CliError` class; `register` points this
+at the copy that called it, so that errors raised here are the ones its main
+turns into one line and exit code 1.
+"""
+
+
+def _error(message: str) -> Exception:
+    """Return the calling CLI's `CliError` (one line on stderr, exit code 1) for `message`."""
+    error: Exception = _cli.CliError(message)
+    return error
+
+
+class Bars:
+    """Progress on stderr for operations in phases: a new `what` finishes the previous bar."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.what: str | None = None
+        self.bar: Progress | None = None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        from tidefs.fs.progress import Progress
+
+        if what != self.what or self.bar is None:
+            self.finish()
+            self.bar = Progress(total, what)
+            self.what = what
+        self.bar.total = max(total, 0)
+        self.bar.update(done)
+
+    def finish(self) -> None:
+        """End the current bar's line."""
+        if self.bar is not None:
+            self.bar.finish()
+        self.bar = None
+        self.what = None
+
+
+def _ops_errors(fn: Handler) -> Handler:
+    """Turn the replica layer's operational errors into the CLI's one-line errors."""
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from tidefs.replica.gc import GcError
+        from tidefs.replica.replica import ReplicaError
+        from tidefs.replica.restore import RestoreError
+        from tidefs.replica.snapshot import SnapshotError
+        from tidefs.replica.verify import VerifyError
+
+        try:
+            return fn(args)
+        except (GcError, ReplicaError, RestoreError, SnapshotError, VerifyError) as exc:
+            raise _error(str(exc)) from exc
+
+    return run
+
+
+EXTRA_STORE = "--store"
+"""Key prefix, in the stores dict of a command, of the stores named by `--store` (not regions)."""
+
+
+@contextlib.contextmanager
+def _volume(args: argparse.Namespace) -> Iterator[tuple[Log, VolumeInfo, dict[str, BlockStore]]]:
+    """Open the log, find the volume record, and open every region's store.
+
+    Yields (log, volume record, stores). The stores are keyed by region name,
+    plus `--store N` for the stores named by `--store` (searched for snapshots
+    only). The dict may grow (regions added after the volume was created);
+    everything in it is closed at the end.
+    """
+    from tidefs.journal.log import open_log
+    from tidefs.replica.fetch import open_region_stores
+    from tidefs.replica.snapshot import volume_from_log
+    from tidefs.replica.store import open_store
+
+    lg = open_log(args.journal, args.volume)
+    stores: dict[str, BlockStore] = {}
+    try:
+        for i, url in enumerate(getattr(args, "store", None) or ()):
+            stores[f"{EXTRA_STORE} {i + 1}"] = open_store(url)
+        info = volume_from_log(lg, stores.values())
+        if info.name != args.volume:
+            raise _error(f"the log holds volume {info.name!r}, not {args.volume!r}")
+        stores.update(open_region_stores(info))
+        yield lg, info, stores
+    finally:
+        for store in stores.values():
+            with contextlib.suppress(Exception):
+                store.close()
+        lg.close()
+
+
+def _regions_only(stores: dict[str, BlockStore]) -> dict[str, BlockStore]:
+    return {k: v for k, v in stores.items() if not k.startswith(EXTRA_STORE)}
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], lines: list[str]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, sort_keys=True))
+    else:
+        for line in lines:
+            print(line)
+
+
+def _state_dirs(items: list[tuple[str, str]] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, path in items or ():
+        if name in out:
+            raise _error(f"region {name} is named twice by --state-dir")
+        out[name] = path
+    return out
+
+
+def _named_dir(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, not {text!r}")
+    return name, path
+
+
+# -- snapshot ----------------------------------------------------------------------
+
+
+@_ops_errors
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    words = [w for w in (args.action, args.target) if w is not None]
+    if len(words) == 2:
+        action, args.volume = words
+    else:
+        action, args.volume = "create", words[0]
+    if action not in ("create", "list", "prune"):
+        raise _error(f"unknown snapshot action {action!r}: expected create, list or prune")
+    return {"create": _snapshot_create, "list": _snapshot_list, "prune": _snapshot_prune}[action](
+        args
+    )
+
+
+def _snapshot_create(args: argparse.Namespace) -> int:
+    from tidefs.replica.snapshot import create_snapshot
+
+    bars = Bars(args.quiet)
+    with _volume(args) as (lg, _info, stores):
+        snap, new = create_snapshot(
+            lg,
+            stores,
+            volume=args.volume,
+            region=args.region,
+            work_dir=args.work_dir,
+            state_dir=args.state_dir,
+            progress=bars,
+        )
+    bars.finish()
+    verb = "stored" if new else "already stored"
+    _emit(
+        args,
+        {**snap.as_dict(), "new": new, "region": args.region},
+        [
+            f"snapshot {snap.id} {verb} in region {args.region}: offset {snap.offset}, "
+            f"{len(snap.files)} files, {snap.size} bytes"
+        ],
+    )
+    return 0
+
+
+def _region_store(stores: dict[str, BlockStore], info: VolumeInfo, region: str) -> BlockStore:
+    if info.region(region) is not None and region in stores:
+        return stores[region]
+    names = ", ".join(r.name for r in info.regions)
+    raise _error(f"volume {info.name} has no region {region!r} (regions: {names})")
+
+
+def _snapshot_list(args: argparse.Namespace) -> int:
+    from tidefs.replica.snapshot import list_incomplete, list_snapshots
+
+    with _volume(args) as (_lg, info, stores):
+        store = _region_store(stores, info, args.region)
+        snaps = list_snapshots(store, volume=args.volume)
+        incomplete = list_incomplete(store)
+    lines = [f"{'offset':>12} {'bytes':>12} {'created':<25} id"]
+    for s in snaps:
+        created = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(s.created_ns / 1e9))
+        lines.append(f"{s.offset:>12} {s.size:>12} {created:<25} {s.id}")
+    if not snaps:
+        lines = [f"region {args.region} holds no snapshot of {args.volume}"]
+    if incomplete:
+        lines.append(
+            f"{len(incomplete)} incomplete snapshot(s) (no manifest): {', '.join(incomplete)}"
+        )
+    _emit(
+        args,
+        {"snapshots": [s.as_dict() for s in snaps], "incomplete": incomplete},
+        lines,
+    )
+    return 0
+
+
+def _snapshot_prune(args: argparse.Namespace) -> int:
+    from tidefs.replica.snapshot import prune_snapshots
+
+    with _volume(args) as (_lg, info, stores):
+        store = _region_store(stores, info, args.region)
+        doomed = prune_snapshots(store, args.keep, volume=args.volume, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    lines = [f"{verb} snapshot {sid}" for sid in doomed] or ["nothing to prune"]
+    _emit(args, {"deleted": doomed, "dry_run": args.dry_run}, lines)
+    return 0
+
+
+# -- restore -----------------------------------------------------------------------
+
+
+@_ops_errors
+def cmd_restore(args: argparse.Namespace) -> int:
+    from tidefs.replica.restore import restore
+
+    bars = Bars(args.quiet)
+    with _volume(args) as (lg, _info, stores):
+        if args.at is not None:
+            at_ns = _cli.parse_time(args.at)
+            # The state as of that time includes the records stamped exactly then.
+            target = lg.offset_for_time(at_ns + 1) - 1
+            if target < 0:
+                raise _error(f"volume {args.volume} did not exist yet at {args.at}")
+        else:
+            target = args.offset
+        with tempfile.TemporaryDirectory(prefix="tidefs-restore-", dir=args.work_dir) as work:
+            result = restore(
+                lg,
+                stores,
+                volume=args.volume,
+                source=args.path,
+                dest=args.to,
+                target=target,
+                work_dir=work,
+                region=args.region,
+                check_blocks=args.check_blocks,
+                progress=bars,
+            )
+    bars.finish()
+    if result.already:
+        line = f"{result.dest} was already restored from {result.source} at offset {target}"
+    else:
+        line = (
+            f"restored {result.source} as of offset {result.offset} to {result.dest}: "
+            f"{result.entries} entries, {result.commands} commands"
+        )
+    _emit(args, result.as_dict(), [line])
+    return 0
+
+
+# -- verify ------------------------------------------------------------------------
+
+
+@_ops_errors
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tidefs.replica.snapshot import copy_state, rebuild_state
+    from tidefs.replica.state import State
+    from tidefs.replica.verify import REFERENCE, compare_states
+
+    dirs = _state_dirs(args.state_dir)
+    if not dirs:
+        raise _error("name at least one region's state with --state-dir NAME=DIR")
+    if REFERENCE in dirs:
+        raise _error(
+            f"{REFERENCE!r} is the name of the log's own replay; name the region otherwise"
+        )
+    bars = Bars(args.quiet)
+    with (
+        _volume(args) as (lg, _info, stores),
+        tempfile.TemporaryDirectory(prefix="tidefs-verify-", dir=args.work_dir) as work,
+    ):
+        states: dict[str, State] = {}
+        try:
+            for name, path in dirs.items():
+                copy_state(path, Path(work) / name)
+                states[name] = State.open(Path(work) / name)
+                vol = states[name].volume()
+                if vol is not None and vol.name != args.volume:
+                    raise _error(f"{path} holds volume {vol.name!r}, not {args.volume!r}")
+            if args.replay or len(states) == 1:
+                highest = max(s.applied_offset() for s in states.values())
+                target = highest if args.offset is None else args.offset
+                states[REFERENCE] = rebuild_state(
+                    lg,
+                    Path(work) / f"{REFERENCE}.replay",
+                    stores=stores,
+                    volume=args.volume,
+                    to_offset=target,
+                    progress=bars,
+                )
+            result = compare_states(
+                states,
+                lg,
+                offset=args.offset,
+                deep=args.deep,
+                max_diffs=args.max_diffs,
+                progress=bars,
+            )
+        finally:
+            for s in states.values():
+                s.close()
+    bars.finish()
+    lines = [
+        f"{r.region:<12} applied {r.applied:>10} -> offset {r.offset:>10} digest {r.digest}"
+        + ("" if r.consistent else f" (keys add up to {r.recomputed})")
+        for r in result.regions
+    ]
+    if result.equal:
+        lines.append(f"all {len(result.regions)} states agree at offset {result.offset}")
+    else:
+        lines.append(f"DIVERGENCE at offset {result.offset}; first differing keys:")
+        for d in result.diffs:
+            lines.append(f"  {d.what} [{d.key}]")
+            for region, value in d.values.items():
+                lines.append(f"    {region:<10} {'(absent)' if value is None else value}")
+    _emit(args, result.as_dict(), lines)
+    return 0 if result.equal else 1
+
+
+# -- fsck --------------------------------------------------------------------------
+
+
+@_ops_errors
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tidefs.replica.fetch import open_region_stores
+    from tidefs.replica.snapshot import rebuild_state
+    from tidefs.replica.state import State
+    from tidefs.replica.verify import fsck
+
+    bars = Bars(args.quiet)
+    with (
+        _volume(args) as (lg, _info, stores),
+        tempfile.TemporaryDirectory(prefix="tidefs-fsck-", dir=args.work_dir) as work,
+    ):
+        if args.state_dir is not None:
+            state = State.open(args.state_dir, read_only=True)
+        else:
+            state = rebuild_state(
+                lg,
+                Path(work) / "state",
+                stores=stores,
+                volume=args.volume,
+                prefer=args.region,
+                progress=bars,
+            )
+        try:
+            vol = state.volume()
+            if vol is None or vol.name != args.volume:
+                raise _error(
+                    f"the state holds volume {vol.name if vol else None!r}, not {args.volume!r}"
+                )
+            if vol.region(args.region) is None:
+                raise _error(f"volume {args.volume} has no region {args.region!r}")
+            stores.update(open_region_stores([r for r in vol.regions if r.name not in stores]))
+            result = fsck(
+                state,
+                args.region,
+                _regions_only(stores),
+                repair=args.repair,
+                quick=args.quick,
+                jobs=args.jobs,
+                progress=bars,
+            )
+        finally:
+            state.close()
+    bars.finish()
+    summary = result.as_dict()
+    lines = [
+        f"region {result.region} at offset {result.offset}: {result.slices} live slices, "
+        f"{result.blocks} blocks; {summary['missing']} missing, {summary['corrupt']} corrupt, "
+        f"{summary['unreplicated']} not yet replicated, {summary['repaired']} repaired"
+    ]
+    for p in result.faults:
+        state_word = "repaired" if p.repaired else "NOT repaired"
+        lines.append(
+            f"  {p.kind:<8} {p.key} (home {p.home}) {state_word}{': ' + p.detail if p.detail else ''}"
+        )
+    if not result.ok and not args.repair:
+        lines.append("run again with --repair to copy the blocks from a region with a good copy")
+    _emit(args, summary, lines)
+    return 0 if result.ok else 1
+
+
+# -- gc ----------------------------------------------------------------------------
+
+
+@_ops_errors
+def cmd_gc(args: argparse.Namespace) -> int:
+    from tidefs.replica.gc import apply_gc, plan_gc
+    from tidefs.replica.state import State
+    from tidefs.replica.status import read_status
+
+    dirs = _state_dirs(args.state_dir)
+    bars = Bars(args.quiet)
+    with (
+        _volume(args) as (lg, _info, stores),
+        tempfile.TemporaryDirectory(prefix="tidefs-gc-", dir=args.work_dir) as work,
+    ):
+        applied = {
+            name: st.applied_offset for name, st in read_status(args.journal, args.volume).items()
+        }
+        for name, path in dirs.items():
+            with State.open(path, read_only=True) as state:
+                applied[name] = state.applied_offset()
+        regions = _regions_only(stores)
+        plan = plan_gc(
+            lg,
+            regions,
+            volume=args.volume,
+            applied=applied,
+            work_dir=work,
+            grace_s=args.grace,
+            progress=bars,
+        )
+        stores.update(regions)
+        bars.finish()
+        if plan.blocked is not None and args.apply:
+            raise _error(plan.blocked)
+        deleted = apply_gc(regions, plan, progress=bars) if args.apply else 0
+    bars.finish()
+    result = {**plan.as_dict(), "applied_deletes": deleted, "dry_run": not args.apply}
+    if plan.blocked is not None:
+        lines = [f"nothing can be deleted: {plan.blocked}"]
+    else:
+        verb = "deleted" if args.apply else "would delete"
+        lines = [
+            f"protecting {plan.referenced} slices referenced at offsets >= {plan.protect_from} "
+            f"(retention window from offset {plan.window_start}, head {plan.head}); "
+            f"{plan.listed} blocks listed, {plan.young} younger than the grace kept",
+        ]
+        for region, garbage in sorted(plan.by_region().items()):
+            size = sum(g.size for g in garbage)
+            lines.append(f"region {region}: {verb} {len(garbage)} blocks ({size} bytes)")
+            for g in garbage[: args.show]:
+                lines.append(f"  {g.key} ({g.size} bytes)")
+            if len(garbage) > args.show:
+                lines.append(f"  ... and {len(garbage) - args.show} more (--show N, or --json)")
+        if not plan.garbage:
+            lines.append("no garbage")
+        elif not args.apply:
+            lines.append("dry run: nothing was deleted; run with --apply to delete")
+    _emit(args, result, lines)
+    return 0
+
+
+# -- parsers -----------------------------------------------------------------------
+
+
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    journal_arg: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Add the snapshot, restore, verify, fsck and gc parsers to the `tidefs` command line."""
+    global _cli
+    _cli = sys.modules.get(getattr(journal_arg, "__module__", ""), _cli_module)
+
+    def common(sp: argparse.ArgumentParser, *, json_out: bool = True) -> None:
+        journal_arg(sp)
+        sp.add_argument(
+            "--store",
+            action="append",
+            metavar="URL",
+            help="a block store holding snapshots of the volume, for a log that no longer "
+            "starts at offset 0 (repeatable)",
+        )
+        sp.add_argument(
+            "--work-dir", metavar="DIR", help="where private states are built (default: temp dir)"
+        )
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+        if json_out:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser(
+        "snapshot",
+        help="store a snapshot of the volume's state in a region's store; list or prune them",
+        description="tidefs snapshot [create] VOLUME | snapshot list VOLUME | snapshot prune VOLUME",
+    )
+    sp.add_argument("action", metavar="[create|list|prune]")
+    sp.add_argument("target", nargs="?", metavar="VOLUME")
+    common(sp)
+    sp.add_argument(
+        "--region", required=True, metavar="NAME", help="whose store holds the snapshots"
+    )
+    sp.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="snapshot this state directory at its offset (copied without its lock) instead "
+        "of folding a private state to the head",
+    )
+    sp.add_argument("--keep", type=int, default=3, metavar="N", help="prune: snapshots to keep")
+    sp.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
+    sp.set_defaults(func=cmd_snapshot)
+
+    sp = sub.add_parser(
+        "restore",
+        help="re-create a tree as it was at a past time or offset under a new path",
+    )
+    sp.add_argument("volume")
+    common(sp)
+    when = sp.add_mutually_exclusive_group(required=True)
+    when.add_argument("--at", metavar="ISO8601", help="the time whose tree to restore")
+    when.add_argument(
+        "--offset", type=int, metavar="N", help="the log offset whose tree to restore"
+    )
+    sp.add_argument(
+        "--path", required=True, metavar="/DIR", help="the tree to restore (in the volume)"
+    )
+    sp.add_argument(
+        "--to", required=True, metavar="/NEW", help="where to re-create it; must not exist"
+    )
+    sp.add_argument(
+        "--region", metavar="NAME", help="the region the commands come from (default: primary)"
+    )
+    sp.add_argument(
+        "--no-check-blocks",
+        dest="check_blocks",
+        action="store_false",
+        help="do not check that every block exists before committing a file",
+    )
+    sp.set_defaults(func=cmd_restore)
+
+    sp = sub.add_parser(
+        "verify",
+        help="compare the digests of regions' states at one offset (exit 1 when they diverge)",
+    )
+    sp.add_argument("volume")
+    common(sp)
+    sp.add_argument(
+        "--state-dir",
+        action="append",
+        type=_named_dir,
+        metavar="NAME=DIR",
+        help="a region's state directory (repeatable; read without its lock)",
+    )
+    sp.add_argument("--replay", action="store_true", help="also compare with a replay of the log")
+    sp.add_argument(
+        "--offset",
+        type=int,
+        metavar="N",
+        help="compare at this offset (default: the highest applied)",
+    )
+    sp.add_argument("--deep", action="store_true", help="also recompute each digest from every key")
+    sp.add_argument("--max-diffs", type=int, default=10, metavar="N")
+    sp.set_defaults(func=cmd_verify)
+
+    sp = sub.add_parser(
+        "fsck",
+        help="check every block of every live slice in a region's store (exit 1 on a fault)",
+    )
+    sp.add_argument("volume")
+    common(sp)
+    sp.add_argument("--region", required=True, metavar="NAME")
+    sp.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="use this state (read-only) instead of a fold to the head",
+    )
+    sp.add_argument(
+        "--repair", action="store_true", help="copy missing or corrupt blocks from another region"
+    )
+    sp.add_argument("--quick", action="store_true", help="check existence only, do not read blocks")
+    sp.add_argument("--jobs", type=int, default=8, metavar="N", help="parallel block checks")
+    sp.set_defaults(func=cmd_fsck)
+
+    sp = sub.add_parser("gc", help="delete blocks no slice can need (a dry run unless --apply)")
+    sp.add_argument("volume")
+    common(sp)
+    sp.add_argument("--apply", action="store_true", help="delete; without it gc only reports")
+    sp.add_argument(
+        "--grace",
+        type=parse_duration,
+        default=3600,
+        metavar="DURATION",
+        help="keep unreferenced blocks younger than this (writes in progress; default 1h)",
+    )
+    sp.add_argument(
+        "--state-dir",
+        action="append",
+        type=_named_dir,
+        metavar="NAME=DIR",
+        help="a region's state, for its applied offset when it publishes no status (repeatable)",
+    )
+    sp.add_argument("--show", type=int, default=20, metavar="N", help="keys listed per region")
+    sp.set_defaults(func=cmd_gc)
