@@ -149,7 +149,8 @@ def window_start(log_: Log, retention_s: int, now_ns: int) -> int:
     still inside the window are those at offsets >= window_start - 1. gc keeps
     their blocks; restore accepts them.
     """
-    return log_.offset_for_time(now_ns - retention_s * 1_000_000_000)
+    start_ns = now_ns - retention_s * 1_000_000_000
+    return log_.offset_for_time(min(max(start_ns, 0), (1 << 63) - 1))
 
 
 def check_retention(log_: Log, target: int, retention_s: int, now_ns: int) -> None:
