@@ -280,11 +280,11 @@ def test_restore_cli_survives_sigkill(tmp_path: Path) -> None:
                 # Kill after a random number of this run's commands landed in the log;
                 # few enough that six runs cannot finish the job.
                 k = rng.randrange(1, commands // 6)
-                code = kill_during(
-                    ["restore", *common, "--to", "/back"],
-                    60.0,
-                    lambda s=start, k=k: lg.head() >= s + k,
-                )
+
+                def landed(s: int = start, k: int = k) -> bool:
+                    return lg.head() >= s + k
+
+                code = kill_during(["restore", *common, "--to", "/back"], 60.0, landed)
             else:
                 code = kill_during(
                     ["restore", *common, "--to", "/back"], rng.uniform(0.2, 0.6) * took
