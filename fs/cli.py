@@ -177,6 +177,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from tidefs.fs.mount import sync_mount
+
+    return sync_mount(args.mountpoint, timeout=args.timeout)
+
+
+def cmd_replicate(args: argparse.Namespace) -> int:
+    from tidefs.fs.mount import default_state_dir
+    from tidefs.replica.replicator import run_replicator
+
+    state_dir = args.state_dir or default_state_dir(args.volume, args.region) + ".replicate"
+    return run_replicator(
+        args.volume,
+        args.journal,
+        args.region,
+        state_dir=state_dir,
+        concurrency=args.concurrency,
+        bandwidth_limit=args.bandwidth_limit,
+        once=args.once,
+        timeout=args.timeout,
+    )
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from tidefs.journal import codec
     from tidefs.journal.log import open_log
@@ -343,6 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("mountpoint")
     sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     sp.set_defaults(func=cmd_umount)
+
+    sp = sub.add_parser("sync", help="wait until a mount has applied everything appended so far")
+    sp.add_argument("mountpoint")
+    sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    sp.set_defaults(func=cmd_sync)
+
+    sp = sub.add_parser("replicate", help="run a region's block replicator without a mount")
+    sp.add_argument("volume")
+    journal_arg(sp)
+    sp.add_argument("--region", required=True, metavar="NAME")
+    sp.add_argument("--state-dir", metavar="DIR", help="the replicator's own state and progress")
+    sp.add_argument("--concurrency", type=int, default=8)
+    sp.add_argument("--bandwidth-limit", type=parse_size, default=None, metavar="BYTES_PER_S")
+    sp.add_argument("--once", action="store_true", help="copy the current backlog, then exit")
+    sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    sp.set_defaults(func=cmd_replicate)
 
     sp = sub.add_parser("log", help="print the decoded records of a volume's log")
     sp.add_argument("volume")

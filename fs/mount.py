@@ -153,6 +153,7 @@ class Mount:
         self.ops: TideOps | None = None
         self.invalidator: Invalidator | None = None
         self.replicator: Any = None
+        self.publisher: Any = None
         self.mounted = False
         self._stop = threading.Event()
 
@@ -245,6 +246,11 @@ class Mount:
         self.replica.start()
         if cfg.replicate:
             self.replicator = _start_replicator(self)
+        from tidefs.replica.status import StatusPublisher
+
+        self.publisher = StatusPublisher(
+            cfg.journal_url, cfg.volume, cfg.region, self._status_fields
+        ).start()
         if cfg.metrics_port is not None:
             try:
                 metrics.serve_prometheus(cfg.metrics_port)
@@ -355,8 +361,22 @@ class Mount:
 
     # -- closing -------------------------------------------------------------
 
+    def _status_fields(self) -> dict[str, Any]:
+        """The figures this region publishes for `tidefs status`."""
+        assert self.replica is not None
+        fields: dict[str, Any] = {"applied_offset": self.replica.applied}
+        if self.fetcher is not None:
+            st = self.fetcher.stats()
+            fields["fallback_reads"] = st.fallback_reads
+            fields["fallback_bytes"] = st.fallback_bytes
+        if self.replicator is not None:
+            fields.update(self.replicator.status_fields())
+        return fields
+
     def close(self) -> None:
         """Flush, unmount, and release everything; safe after a partial open."""
+        if self.publisher is not None:
+            self.publisher.stop()
         if self.invalidator is not None:
             self.invalidator.stop()
         if self.data is not None:
