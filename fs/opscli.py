@@ -76,8 +76,8 @@ class Bars:
         self.bar.update(done)
 
     def finish(self) -> None:
-        """End the current bar's line."""
-        if self.bar is not None:
+        """End the current bar's line (a plain log already printed a completed phase)."""
+        if self.bar is not None and (self.bar.tty or self.bar.done < self.bar.total):
             self.bar.finish()
         self.bar = None
         self.what = None
@@ -217,27 +217,42 @@ def _region_store(stores: dict[str, BlockStore], info: VolumeInfo, region: str) 
 
 
 def _snapshot_list(args: argparse.Namespace) -> int:
-    from tidefs.replica.snapshot import list_incomplete, list_snapshots
+    from tidefs.replica.snapshot import (
+        list_incomplete,
+        list_snapshots,
+        log_trim_point,
+    )
+    from tidefs.replica.status import read_status
 
-    with _volume(args) as (_lg, info, stores):
+    with _volume(args) as (lg, info, stores):
         store = _region_store(stores, info, args.region)
         snaps = list_snapshots(store, volume=args.volume)
         incomplete = list_incomplete(store)
-    lines = [f"{'offset':>12} {'bytes':>12} {'created':<25} id"]
+        everywhere = [
+            s for r in info.regions for s in list_snapshots(stores[r.name], volume=args.volume)
+        ]
+        applied = {n: st.applied_offset for n, st in read_status(args.journal, args.volume).items()}
+        trim, why = log_trim_point(
+            lg, everywhere, applied, [r.name for r in info.regions], retention_s=info.retention_s
+        )
+    lines = [f"{'offset':>12} {'bytes':>12} {'created':<20} id"]
     for s in snaps:
         created = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(s.created_ns / 1e9))
-        lines.append(f"{s.offset:>12} {s.size:>12} {created:<25} {s.id}")
+        lines.append(f"{s.offset:>12} {s.size:>12} {created:<20} {s.id}")
     if not snaps:
         lines = [f"region {args.region} holds no snapshot of {args.volume}"]
     if incomplete:
         lines.append(
             f"{len(incomplete)} incomplete snapshot(s) (no manifest): {', '.join(incomplete)}"
         )
-    _emit(
-        args,
-        {"snapshots": [s.as_dict() for s in snaps], "incomplete": incomplete},
-        lines,
-    )
+    lines.append(f"the log may be trimmed below offset {trim} ({why})")
+    result = {
+        "snapshots": [s.as_dict() for s in snaps],
+        "incomplete": incomplete,
+        "log_trim_offset": trim,
+        "log_trim_reason": why,
+    }
+    _emit(args, result, lines)
     return 0
 
 

@@ -157,12 +157,18 @@ def check_retention(log_: Log, target: int, retention_s: int, now_ns: int) -> No
     """Refuse a target whose state left the retention window: its blocks may be collected."""
     first = window_start(log_, retention_s, now_ns)
     if target < first - 1:
-        days = retention_s / 86400
         raise RestoreError(
-            f"offset {target} is older than the volume's retention ({retention_s} s, "
-            f"{days:.3g} days): gc may have deleted its blocks; the oldest offset that can "
-            f"be restored now is {max(first - 1, 0)}"
+            f"offset {target} is older than the volume's retention of {_duration(retention_s)}: "
+            f"gc may have deleted its blocks; the oldest offset that can be restored now is "
+            f"{max(first - 1, 0)}"
         )
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def restore_token(volume: str, source: str, offset: int, dest: str) -> str:

@@ -694,3 +694,44 @@ def create_snapshot(
             digest=digest,
             progress=progress,
         )
+
+
+def log_trim_point(
+    log_: Log,
+    snapshots: Iterable[Snapshot],
+    applied: Mapping[str, int],
+    regions: Iterable[str],
+    *,
+    retention_s: int,
+    now_ns: int | None = None,
+) -> tuple[int, str]:
+    """Return (T, reason): the records below offset T may be deleted from the log now.
+
+    Three readers need old records. A region folds from its applied offset
+    (so T <= lowest applied + 1). A rebuild to any offset inside the retention
+    window (a restore, gc) starts from a snapshot at or below it: the newest
+    snapshot at or below the window's first state must stay reachable (T <= its
+    offset + 1). A new region starts from the newest snapshot, later than that
+    one. `reason` names the bound that decided T; T is 0 when a region's offset
+    is unknown or no snapshot is old enough.
+    """
+    from tidefs.replica.restore import window_start
+
+    now = time.time_ns() if now_ns is None else now_ns
+    names = sorted(set(regions))
+    unknown = [r for r in names if r not in applied]
+    if unknown:
+        return 0, f"region(s) {', '.join(unknown)} published no applied offset"
+    first_state = window_start(log_, retention_s, now) - 1
+    below = [s.offset for s in snapshots if s.offset <= first_state]
+    if not below:
+        return 0, (
+            f"no snapshot at or below offset {first_state}, where the retention window "
+            "begins: take snapshots regularly and keep enough of them"
+        )
+    lowest = min(applied[r] for r in names)
+    if lowest + 1 <= max(below) + 1:
+        return max(lowest + 1, 0), f"the lowest applied offset of any region is {lowest}"
+    return max(below) + 1, (
+        f"snapshot at offset {max(below)} is the newest at or below the retention window"
+    )

@@ -43,6 +43,7 @@ from tidefs.replica.snapshot import (
     create_snapshot,
     list_incomplete,
     list_snapshots,
+    log_trim_point,
     manifest_key,
     part_key,
     prune_snapshots,
@@ -486,5 +487,44 @@ def test_snapshot_survives_sigkill(tmp_path: Path) -> None:
         # An interrupted run's parts are pruned once they are old enough.
         prune_snapshots(store, 1, incomplete_grace_s=0)
         assert list_incomplete(store) == []
+    finally:
+        vol.close()
+
+
+def test_log_trim_point(tmp_path: Path) -> None:
+    """The log may lose records below the newest snapshot under the window and every region."""
+    t0, second = 1_700_000_000_000_000_000, 1_000_000_000
+    url = f"sqlite://{tmp_path / 'log.db'}"
+    vol = OpsVolume.create(
+        url, "vol", tmp_path, {"a": (tmp_path / "sa").as_uri()}, retention_s=30, timestamp_ns=t0
+    )
+    try:
+        lg = vol.open_log()
+        snaps = []
+        for i in range(1, 21):  # offset i is stamped t0 + 10 i s
+            vol.submit(
+                Mkdir(ROOT_INODE, b"d%d" % i, 0o755, 0, 0), timestamp_ns=t0 + 10 * i * second
+            )
+            if i in (5, 15):
+                snaps.append(create_snapshot(lg, vol.stores, volume="vol", region="a")[0])
+        assert [s.offset for s in snaps] == [5, 15]
+
+        def trim(applied: dict[str, int], now_s: int) -> int:
+            return log_trim_point(
+                lg, snaps, applied, ["a"], retention_s=30, now_ns=t0 + now_s * second
+            )[0]
+
+        assert trim({"a": 20}, 200) == 16  # the window starts at offset 17: snapshot 15 stays
+        assert trim({"a": 10}, 200) == 11  # a region still folding from offset 11
+        assert trim({"a": 20}, 100) == 6  # the window reaches back to offset 7: snapshot 5
+        assert trim({"a": 20}, 40) == 0  # no snapshot is old enough
+        assert trim({}, 200) == 0  # a region of unknown offset
+        listed = json.loads(
+            run_cli("snapshot", "list", "vol", "--journal", url, "--region", "a", "--json").stdout
+        )
+        assert (
+            listed["log_trim_offset"] == 0
+            and "published no applied offset" in listed["log_trim_reason"]
+        )
     finally:
         vol.close()
