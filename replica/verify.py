@@ -33,6 +33,7 @@ verified bytes), written back, and read again to prove the repair.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +54,15 @@ REFERENCE = "log"
 """The name under which a replay of the log joins a verify as a reference region."""
 
 _BATCH = 1024
+_KINDS = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "directory",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "char device",
+    stat.S_IFBLK: "block device",
+}
 
 
 class VerifyError(Exception):
@@ -256,7 +266,7 @@ def describe_value(key: bytes, value: bytes | None) -> str | None:
             )
         if tag == K.TAG_DIRENT:
             child, kind = K.decode_dirent(value)
-            return f"inode {child} (type {kind >> 12:o})"
+            return f"inode {child} ({_KINDS.get(kind, f'type {kind:o}')})"
         if tag == K.TAG_CHUNK:
             return ", ".join(
                 f"{s.slice_id:016x}@{s.offset}+{s.length}" for s in K.decode_slices(value)
