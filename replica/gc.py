@@ -186,8 +186,13 @@ def plan_gc(
             referenced.update(ref.slice_id for _i, _c, ref in state.iter_live_slices())
         finally:
             state.close()
-    elif log_.start() > 0:
-        raise GcError(f"the log of {volume} no longer starts at offset 0; gc cannot scan it all")
+    if log_.start() > start + 1:
+        # Slices named by the trimmed records would go unprotected: never guess.
+        raise GcError(
+            f"the log of {volume} starts at offset {log_.start()}, after {start + 1}, the first "
+            "record gc must read: a region lags behind the trimmed log, or the log was trimmed "
+            "above the retention window's snapshot"
+        )
     offset = start + 1
     while offset < head:
         records = log_.read(offset, max_records=1000, timeout=1.0)

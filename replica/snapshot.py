@@ -473,6 +473,9 @@ def restore_newest_snapshot_from(
     store (the local one) comes first. With several stores, one that cannot be
     reached is skipped with a warning: another region's snapshots do as well.
     """
+    target = Path(dest_dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise SnapshotError(f"{target} exists and is not an empty directory")
     candidates: list[tuple[int, bool, str, Snapshot]] = []
     for region, store in stores.items():
         try:
