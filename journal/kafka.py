@@ -43,12 +43,20 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from tidefs.journal.log import JournalConfigError, JournalError, JournalUnavailable, Log, Record
+from tidefs.journal.log import (
+    JournalConfigError,
+    JournalError,
+    JournalUnavailable,
+    Log,
+    Record,
+    positive_float,
+    url_options,
+)
 
 log = logging.getLogger(__name__)
 
@@ -181,15 +189,9 @@ class KafkaLog(Log):
             name, sep, port = host.rpartition(":")
             if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
                 raise JournalConfigError(f"kafka journal URL {url!r}: {host!r} is not host:port")
-        try:
-            query = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True))
-        except ValueError as exc:
-            if parts.query:
-                raise JournalConfigError(f"malformed query in journal URL {url!r}") from exc
-            query = {}
-        merged: dict[str, object] = {**query, **options}
+        merged = url_options(url, parts.query, options)
         converters: dict[str, Callable[[object], object]] = {
-            "timeout": _positive_float,
+            "timeout": positive_float,
             "linger_ms": _non_negative_float,
             "replication_factor": _int,
             "min_insync_replicas": _int,
@@ -660,13 +662,6 @@ class _Delivery:
             else:
                 self.offset = offset
         self.done.set()
-
-
-def _positive_float(value: object) -> float:
-    number = float(value)  # type: ignore[arg-type]
-    if not number > 0:
-        raise ValueError("must be positive")
-    return number
 
 
 def _non_negative_float(value: object) -> float:

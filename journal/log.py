@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 
 class JournalError(Exception):
@@ -75,6 +75,25 @@ class Log(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def url_options(url: str, query: str, options: dict[str, object]) -> dict[str, object]:
+    """Merge a journal URL's query parameters with keyword options (keywords win)."""
+    try:
+        parsed = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
+    except ValueError as exc:
+        if query:
+            raise JournalConfigError(f"malformed query in journal URL {url!r}") from exc
+        parsed = {}
+    return {**parsed, **options}
+
+
+def positive_float(value: object) -> float:
+    """Convert an option to a float > 0 (ValueError otherwise)."""
+    number = float(value)  # type: ignore[arg-type]
+    if not number > 0:
+        raise ValueError("must be positive")
+    return number
 
 
 def open_log(url: str, volume: str, **options: object) -> Log:

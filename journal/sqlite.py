@@ -45,9 +45,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
-from tidefs.journal.log import JournalConfigError, JournalError, JournalUnavailable, Log, Record
+from tidefs.journal.log import (
+    JournalConfigError,
+    JournalError,
+    JournalUnavailable,
+    Log,
+    Record,
+    positive_float,
+    url_options,
+)
 
 APPLICATION_ID = 0x74696466
 """`PRAGMA application_id` of a tidefs journal ("tidf"), so that a foreign SQLite file is refused."""
@@ -222,17 +230,11 @@ class SqliteLog(Log):
             raise JournalConfigError(
                 f"sqlite journal URL {url!r} names no file: sqlite:///path/log.db"
             )
-        try:
-            query = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=True))
-        except ValueError as exc:
-            if parts.query:
-                raise JournalConfigError(f"malformed query in journal URL {url!r}") from exc
-            query = {}
-        merged: dict[str, object] = {**query, **options}
+        merged = url_options(url, parts.query, options)
         known: dict[str, Callable[[object], object]] = {
-            "timeout": _positive_float,
+            "timeout": positive_float,
             "synchronous": str,
-            "poll_interval": _positive_float,
+            "poll_interval": positive_float,
         }
         unknown = sorted(set(merged) - set(known))
         if unknown:
@@ -536,13 +538,6 @@ def _check_timestamp(timestamp_ns: int | None) -> int:
     if timestamp_ns < 0:
         raise ValueError(f"timestamp_ns must be nanoseconds since the epoch, not {timestamp_ns}")
     return int(timestamp_ns)
-
-
-def _positive_float(value: object) -> float:
-    number = float(value)  # type: ignore[arg-type]
-    if not number > 0:
-        raise ValueError("must be positive")
-    return number
 
 
 def _convert(name: str, value: object, convert: Callable[[object], object]) -> object:
