@@ -139,6 +139,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         replicate=args.replicate,
         max_staleness=args.max_staleness,
         metrics_port=args.metrics_port,
+        write_through=args.write_through,
+        store_timeout=args.store_timeout,
     )
 
 
@@ -180,7 +182,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from tidefs.fs.mount import sync_mount
 
-    return sync_mount(args.mountpoint, timeout=args.timeout)
+    return sync_mount(args.mountpoint, timeout=args.timeout, data=args.data)
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
@@ -232,7 +234,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from tidefs.fs.progress import Progress
     from tidefs.journal.log import open_log
     from tidefs.replica.replica import fold_range
+    from tidefs.replica.snapshot import SnapshotError, bootstrap_state
     from tidefs.replica.state import State
+    from tidefs.replica.store import open_store
 
     to_ns = parse_time(args.to_time) if args.to_time is not None else None
     with open_log(args.journal, args.volume) as lg:
@@ -244,6 +248,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
             target = min(args.to_offset, head - 1)
         else:
             target = head - 1
+        extra = [open_store(url) for url in args.store or ()]
+        try:
+            # An empty directory starts from the newest snapshot at or below the target.
+            found = bootstrap_state(
+                lg, args.state_dir, volume=args.volume, to_offset=target, stores=extra
+            )
+        except SnapshotError as exc:
+            raise CliError(str(exc)) from exc
+        finally:
+            for store in extra:
+                store.close()
+        if found is not None and not args.quiet:
+            print(
+                f"starting from the snapshot at offset {found[0]} (region {found[1]})",
+                file=sys.stderr,
+            )
         state = State.open(args.state_dir)
         try:
             applied = state.applied_offset()
@@ -264,7 +284,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
             final = fold_range(lg, state, to_offset=target, progress=progress)
             if bar is not None:
                 bar.finish()
-            result = {"offset": final, "digest": state.digest_hex(), "target": target}
+            result = {
+                "offset": final,
+                "digest": state.digest_hex(),
+                "target": target,
+                "snapshot_offset": None if found is None else found[0],
+            }
         finally:
             state.close()
     _emit(args, result, f"offset {result['offset']} digest {result['digest']}")
@@ -360,6 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="reads wait while the local fold lags the log head by more than this",
     )
     sp.add_argument("--metrics-port", type=int, metavar="PORT")
+    sp.add_argument(
+        "--write-through",
+        choices=("primary",),
+        help="also put every block into the primary region's store before acknowledging",
+    )
+    sp.add_argument(
+        "--store-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="bound on each block store call; a read needing an unreachable store fails (EIO)",
+    )
     sp.set_defaults(func=cmd_mount)
 
     sp = sub.add_parser("umount", help="flush and unmount a tidefs mount")
@@ -370,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("sync", help="wait until a mount has applied everything appended so far")
     sp.add_argument("mountpoint")
     sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    sp.add_argument(
+        "--data",
+        action="store_true",
+        help="also wait until every block the files need is in this region's own store",
+    )
     sp.set_defaults(func=cmd_sync)
 
     sp = sub.add_parser("replicate", help="run a region's block replicator without a mount")
@@ -398,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     to = sp.add_mutually_exclusive_group()
     to.add_argument("--to-offset", type=int, default=None, metavar="N")
     to.add_argument("--to-time", default=None, metavar="ISO8601")
+    sp.add_argument(
+        "--store",
+        action="append",
+        metavar="URL",
+        help="a block store holding snapshots, for a log that no longer starts at 0 (repeatable)",
+    )
     sp.add_argument("--json", action="store_true")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_replay)

@@ -29,6 +29,12 @@ written but not yet committed, inside one chunk; it becomes one slice.
   the log, so the order among disjoint runs no longer matters, and the log's
   group commit turns them into few durable writes.
 
+Blocks go to the writing region's store. With write-through (the mount's
+`--write-through primary`), each block is also put into the primary region's
+store, and a slice's command is appended only once both puts succeeded: a
+reader at the primary never depends on the writer's region for those bytes,
+and a failure of either store fails the flush (EIO) instead of acknowledging.
+
 Extents stay in the buffer until their command has been applied to the
 state, and a read snapshots them before it reads the state. Either the read
 sees the commit in the state, or it overlays the same bytes from the buffer:
@@ -474,6 +480,7 @@ class DataPath:
         readahead_max: int = 32 << 20,
         dirty_limit: int = 512 << 20,
         io_threads: int = 32,
+        write_through: str | None = None,
     ) -> None:
         self.state = state
         self.submit = submit
@@ -486,6 +493,9 @@ class DataPath:
         self.compact_delay = compact_delay
         self.readahead_max = max(readahead_max, block_size)
         self.dirty_limit = dirty_limit
+        # The region (the primary) whose store must also hold every block
+        # before its command is appended; None: the local store only.
+        self.write_through = write_through if write_through != region else None
         self._io = ThreadPoolExecutor(io_threads, thread_name_prefix="tidefs-io")
         self._submits = ThreadPoolExecutor(64, thread_name_prefix="tidefs-submit")
         self._background = ThreadPoolExecutor(4, thread_name_prefix="tidefs-commit")
@@ -768,24 +778,37 @@ class DataPath:
             raise DataError(errno.EIO, f"log unavailable: {exc}") from exc
 
     def _upload(self, slice_id: int, index: int, payload: bytes) -> None:
+        """Store one block locally and, with write-through, in the primary's store too.
+
+        Both puts finish before the upload's future does, and a commit waits
+        for every upload of its slice: so with write-through, a block is in
+        the primary's store before the command that references it is in the
+        log, and a reader at the primary never needs a fallback for it.
+        """
         key = block_key(slice_id, index)
-        store = self.remote.store(self.region)
+        self._put(self.region, key, payload)
+        if self.write_through is not None:
+            self._put(self.write_through, key, payload)
+        metrics.BLOCKS_UPLOADED.add(1)
+        metrics.BYTES_UPLOADED.add(len(payload))
+        # What was just written is the likeliest to be read next: keep it on disk.
+        self.fetcher.disk.put(key, payload)
+
+    def _put(self, region: str, key: str, payload: bytes) -> None:
+        """Put one block into `region`'s store, with a few tries; raise when all fail."""
+        store = self.remote.store(region)
         if store is None:
-            raise DataError(errno.EIO, f"region {self.region} has no block store")
+            raise DataError(errno.EIO, f"region {region} has no block store")
         for attempt in range(UPLOAD_ATTEMPTS):
             try:
                 # Through the fetcher: bounded by its timeout, and region health is shared.
-                self.remote.call(self.region, store.put_block, key, payload)
-                break
+                self.remote.call(region, store.put_block, key, payload)
+                return
             except Exception as exc:
                 if attempt == UPLOAD_ATTEMPTS - 1:
-                    log.error("upload of %s failed: %s", key, exc)
+                    log.error("upload of %s to region %s failed: %s", key, region, exc)
                     raise
                 time.sleep(0.1 * 2**attempt)
-        metrics.BLOCKS_UPLOADED.add(1)
-        metrics.BYTES_UPLOADED.add(len(payload))
-        # Write-through: what was just written is the likeliest to be read next.
-        self.fetcher.disk.put(key, payload)
 
     # -- reading ---------------------------------------------------------------
 

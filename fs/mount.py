@@ -78,6 +78,12 @@ class MountConfig:
     compact_threshold: int = 16
     compact_delay: float = 5.0
     attr_timeout: float = 1.0
+    write_through: str | None = None
+    store_timeout: float = 5.0
+
+
+WRITE_THROUGH_CHOICES = ("primary",)
+"""Values of `--write-through`: the regions whose stores get every block before its command."""
 
 
 def _xdg(var: str, fallback: str) -> str:
@@ -134,6 +140,10 @@ def check_config(cfg: MountConfig) -> None:
         raise MountError(f"cache size must not be negative, not {cfg.cache_size}")
     if cfg.max_staleness is not None and cfg.max_staleness < 0:
         raise MountError(f"max staleness must not be negative, not {cfg.max_staleness}")
+    if cfg.write_through is not None and cfg.write_through not in WRITE_THROUGH_CHOICES:
+        raise MountError(f"write-through must be one of {WRITE_THROUGH_CHOICES}")
+    if cfg.store_timeout <= 0:
+        raise MountError(f"store timeout must be positive, not {cfg.store_timeout}")
 
 
 # -- the mounted file system ---------------------------------------------------
@@ -176,6 +186,13 @@ class Mount:
             self.log.head()
         except JournalError as exc:
             raise MountError(f"journal {cfg.journal_url} is not usable: {exc}") from exc
+        from tidefs.replica.snapshot import SnapshotError, bootstrap_state
+
+        try:
+            # An empty state directory starts from the newest usable snapshot.
+            bootstrap_state(self.log, cfg.state_dir, volume=cfg.volume, prefer=cfg.region)
+        except (JournalError, SnapshotError) as exc:
+            raise MountError(f"cannot start the state of {cfg.volume!r}: {exc}") from exc
         try:
             os.makedirs(cfg.state_dir, exist_ok=True)
             self.state = State.open(cfg.state_dir)
@@ -204,11 +221,11 @@ class Mount:
         local_url = local.store_url
         try:
             # Another region's store may be down now: it opens lazily, reads skip it.
-            self.stores = open_region_stores(vol)
+            self.stores = open_region_stores(vol, timeout=cfg.store_timeout)
             self.stores[cfg.region].exists("blocks/00/0000000000000000/00000")
         except Exception as exc:
             raise MountError(f"block store {local_url} is not usable: {exc}") from exc
-        self.fetcher = BlockFetcher(cfg.region, self.stores)
+        self.fetcher = BlockFetcher(cfg.region, self.stores, timeout=cfg.store_timeout)
         metrics.observe_fetcher(self.fetcher.stats)
 
         # The replica folds through ObservedState so that the invalidator can
@@ -231,6 +248,7 @@ class Mount:
             flush_interval=cfg.flush_interval,
             compact_threshold=cfg.compact_threshold,
             compact_delay=cfg.compact_delay,
+            write_through=vol.primary if cfg.write_through == "primary" else None,
         )
         self.ops = TideOps(
             state=self.state,
@@ -511,6 +529,8 @@ def run_mount(
     compact_threshold: int = 16,
     compact_delay: float = 5.0,
     attr_timeout: float = 1.0,
+    write_through: str | None = None,
+    store_timeout: float = 5.0,
 ) -> int:
     """Mount `volume` at `mountpoint` for `region`; return the process exit code.
 
@@ -525,6 +545,9 @@ def run_mount(
     before it is compacted), `attr_timeout` (how long the kernel may cache
     attributes and names; changes from other writers are invalidated at once
     regardless, this only bounds the damage of a missed invalidation).
+    `write_through="primary"` also puts every block into the primary region's
+    store before its command is appended; `store_timeout` bounds each call to
+    a store (a read that needs an unreachable store fails with EIO after it).
     """
     cfg = MountConfig(
         volume=volume,
@@ -541,6 +564,8 @@ def run_mount(
         compact_threshold=compact_threshold,
         compact_delay=compact_delay,
         attr_timeout=attr_timeout,
+        write_through=write_through,
+        store_timeout=store_timeout,
     )
     try:
         check_config(cfg)
@@ -673,12 +698,16 @@ def mount_record(mountpoint: str) -> dict[str, Any] | None:
     return record
 
 
-def sync_mount(mountpoint: str, *, timeout: float = 60.0) -> int:
+def sync_mount(mountpoint: str, *, timeout: float = 60.0, data: bool = False) -> int:
     """Wait until the mount at `mountpoint` has applied everything appended before this call.
 
     The barrier of `tidefs sync`: the log's head is read first, then the
     mount's state is polled (read-only) until its applied offset reaches it.
-    Returns the exit code; errors are one line on stderr.
+    With `data`, every block that a file of the state at that point needs is
+    then made present in the region's own store (copied from other regions
+    here if the replicator has not done it yet; see `localize`), so that no
+    read of those files needs another region afterwards. Both halves share
+    `timeout`. Returns the exit code; errors are one line on stderr.
     """
     from tidefs.journal.log import JournalError, open_log
     from tidefs.replica.state import State, StateError
@@ -705,7 +734,7 @@ def sync_mount(mountpoint: str, *, timeout: float = 60.0) -> int:
         except StateError as exc:
             log.debug("cannot read the mount's state yet: %s", exc)
         if applied >= target:
-            return 0
+            return _sync_data(mountpoint, record, deadline) if data else 0
         if time.monotonic() > deadline:
             print(
                 f"tidefs sync: {mountpoint} applied offset {applied}, "
@@ -714,6 +743,55 @@ def sync_mount(mountpoint: str, *, timeout: float = 60.0) -> int:
             )
             return 1
         time.sleep(0.02)
+
+
+def _sync_data(mountpoint: str, record: dict[str, Any], deadline: float) -> int:
+    """The `--data` half of `sync_mount`: every referenced block into the local store."""
+    from tidefs.replica.fetch import BlockFetcher, localize, open_region_stores
+    from tidefs.replica.state import State, StateError
+    from tidefs.replica.store import StoreError
+
+    region = record["region"]
+    try:
+        state = State.open(record["state_dir"], read_only=True)
+        try:
+            vol = state.volume()
+            refs = [ref for _ino, _chunk, ref in state.iter_live_slices()]
+        finally:
+            state.close()
+    except StateError as exc:
+        print(f"tidefs sync: cannot read the state of {mountpoint}: {exc}", file=sys.stderr)
+        return 1
+    if vol is None:
+        print(f"tidefs sync: {mountpoint} has no volume record", file=sys.stderr)
+        return 1
+    left = max(0.1, deadline - time.monotonic())
+    try:
+        stores = open_region_stores(vol, timeout=min(5.0, left))
+    except StoreError as exc:
+        print(f"tidefs sync: cannot open the block stores: {exc}", file=sys.stderr)
+        return 1
+    fetcher = BlockFetcher(region, stores, timeout=min(5.0, left), write_back=False)
+    try:
+        result = localize(fetcher, refs, deadline=deadline)
+    except StoreError as exc:
+        print(f"tidefs sync: region {region}'s store is not usable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        fetcher.close()
+        for store in stores.values():
+            with contextlib.suppress(Exception):
+                store.close()
+    if result.missing:
+        key, why = next(iter(sorted(result.missing.items())))
+        print(
+            f"tidefs sync: {len(result.missing)} block(s) not in region {region}'s store "
+            f"in time; first {key}: {why}",
+            file=sys.stderr,
+        )
+        return 1
+    log.info("sync --data: %d blocks local, %d copied", result.present, result.copied)
+    return 0
 
 
 def _alive(pid: int) -> bool:
@@ -783,6 +861,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compact-threshold", type=int, default=16)
     p.add_argument("--compact-delay", type=float, default=5.0)
     p.add_argument("--attr-timeout", type=float, default=1.0)
+    p.add_argument("--write-through", choices=WRITE_THROUGH_CHOICES)
+    p.add_argument("--store-timeout", type=float, default=5.0)
     p.add_argument("--umount", action="store_true", help="unmount MOUNTPOINT instead")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -809,6 +889,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         compact_threshold=args.compact_threshold,
         compact_delay=args.compact_delay,
         attr_timeout=args.attr_timeout,
+        write_through=args.write_through,
+        store_timeout=args.store_timeout,
     )
 
 

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tidefs.journal.commands import Region, SliceRef
-from tidefs.replica.blocks import block_key
+from tidefs.replica.blocks import BLOCKS_PREFIX, block_key
 from tidefs.replica.keys import VolumeInfo
 from tidefs.replica.store import (
     BlockNotFound,
@@ -463,6 +463,75 @@ class BlockFetcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- making blocks local ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LocalizeResult:
+    """What `localize` did: blocks already local, copied, and still missing (with why)."""
+
+    present: int
+    copied: int
+    missing: dict[str, str]
+
+
+def localize(
+    fetcher: BlockFetcher,
+    refs: Iterable[SliceRef],
+    *,
+    deadline: float,
+    concurrency: int = 8,
+    retry_pause: float = 0.2,
+) -> LocalizeResult:
+    """Make every block that `refs` need present in the fetcher's local store.
+
+    The data half of `tidefs sync --data`: the local store is listed once,
+    and each absent block is fetched from another region (home first,
+    verified) and put locally, `concurrency` at a time, retried until
+    `deadline` (time.monotonic) while a store is unreachable. It does not wait
+    for a replicator, so it completes whether one runs or not; a block the
+    replicator copies at the same time is simply put twice (blocks are
+    immutable). A block no region holds is reported at once, not retried.
+    """
+    region = fetcher.local_region
+    local = fetcher.store(region)
+    if local is None:
+        raise StoreUnavailable(f"region {region} has no block store")
+    wanted: dict[str, tuple[SliceRef, int]] = {}
+    for ref in refs:
+        for i in range(blocks_needed(ref)):
+            wanted.setdefault(block_key(ref.slice_id, i), (ref, i))
+    present = fetcher.call(region, lambda: set(local.list(BLOCKS_PREFIX)))
+    todo = {k: v for k, v in wanted.items() if k not in present}
+    copied = 0
+    why: dict[str, str] = {}
+    lost: dict[str, str] = {}
+
+    def copy(key: str, ref: SliceRef, index: int) -> None:
+        fetched = fetcher.fetch_remote(ref, index)
+        fetcher.call(region, local.put_block, key, fetched.payload)
+
+    with ThreadPoolExecutor(max(1, concurrency), thread_name_prefix="tidefs-localize") as pool:
+        while todo:
+            futures = {k: pool.submit(copy, k, *v) for k, v in todo.items()}
+            for key, fut in futures.items():
+                exc = fut.exception()
+                if exc is None:
+                    copied += 1
+                    del todo[key]
+                    why.pop(key, None)
+                elif isinstance(exc, (BlockNotFound, CorruptBlockError)):
+                    lost[key] = str(exc)
+                    del todo[key]
+                else:
+                    why[key] = str(exc)
+            if not todo or time.monotonic() + retry_pause >= deadline:
+                break
+            time.sleep(retry_pause)
+    missing = {**{k: why.get(k, "not tried before the deadline") for k in todo}, **lost}
+    return LocalizeResult(len(wanted.keys() & present), copied, missing)
 
 
 # -- opening the stores of a volume -------------------------------------------------
