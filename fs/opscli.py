@@ -1,4 +1,4 @@
-"""The operations subcommands of `tidefs`: snapshot, restore, verify, fsck and gc.
+"""The operations subcommands of `tidefs`: snapshot, restore, verify, fsck, gc and region.
 
 They follow the conventions of `tidefs.fs.cli` (exit 0 on success, 1 with one
 line on stderr for an operational error, `--json` for scripts, progress on
@@ -163,6 +163,13 @@ def _named_dir(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, not {text!r}")
     return name, path
+
+
+def _region_arg(text: str) -> tuple[str, str]:
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise argparse.ArgumentTypeError(f"expected NAME=STORE_URL, not {text!r}")
+    return name, url
 
 
 # -- snapshot ----------------------------------------------------------------------
@@ -509,6 +516,78 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- region ------------------------------------------------------------------------
+
+
+@_ops_errors
+def cmd_region(args: argparse.Namespace) -> int:
+    if args.action != "add":
+        raise _error(f"unknown region action {args.action!r}: expected add")
+    return _region_add(args)
+
+
+def _region_add(args: argparse.Namespace) -> int:
+    """Append AddRegion, checked against the volume's current record by the fold itself.
+
+    The command goes through a Replica on a private state folded to the head,
+    so the outcome is the fold's own: a name that exists (even one added by a
+    concurrent `region add`) comes back EEXIST and nothing changes.
+    """
+    import errno as errno_names
+    import os
+    from pathlib import Path
+
+    from tidefs.fs.volume import VolumeError, probe_store
+    from tidefs.journal.commands import AddRegion, Region
+    from tidefs.replica.replica import Replica
+    from tidefs.replica.snapshot import rebuild_state
+
+    name, url = args.region
+    if not name or "/" in name or name != name.strip():
+        raise _error(f"invalid region name {name!r}")
+    bars = Bars(args.quiet)
+    with (
+        _volume(args) as (lg, _info, stores),
+        tempfile.TemporaryDirectory(prefix="tidefs-region-", dir=args.work_dir) as work,
+    ):
+        state = rebuild_state(
+            lg, Path(work) / "state", stores=stores, volume=args.volume, progress=bars
+        )
+        try:
+            vol = state.volume()
+            assert vol is not None  # rebuild_state checked the volume's name
+            existing = vol.region(name)
+            if existing is not None:
+                raise _error(
+                    f"volume {args.volume} already has a region {name!r} "
+                    f"(store {existing.store_url})"
+                )
+            try:
+                probe_store(url)
+            except VolumeError as exc:
+                raise _error(str(exc)) from exc
+            outcome = Replica(lg, state, vol.primary).submit(AddRegion(Region(name, url)))
+        finally:
+            state.close()
+    bars.finish()
+    if outcome.errno == errno_names.EEXIST:
+        raise _error(f"volume {args.volume} already has a region {name!r}")
+    if not outcome.ok:
+        raise _error(
+            f"region {name!r} was refused by the volume: {os.strerror(outcome.errno)} "
+            f"({errno_names.errorcode.get(outcome.errno, outcome.errno)})"
+        )
+    _emit(
+        args,
+        {"volume": args.volume, "region": name, "store_url": url, "offset": outcome.offset},
+        [
+            f"added region {name} (store {url}) to volume {args.volume} at offset "
+            f"{outcome.offset}; start it with tidefs mount or tidefs replicate --region {name}"
+        ],
+    )
+    return 0
+
+
 # -- parsers -----------------------------------------------------------------------
 
 
@@ -516,7 +595,7 @@ def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser],
     journal_arg: Callable[[argparse.ArgumentParser], None],
 ) -> None:
-    """Add the snapshot, restore, verify, fsck and gc parsers to the `tidefs` command line."""
+    """Add the snapshot, restore, verify, fsck, gc and region parsers to the `tidefs` command line."""
     global _cli
     _cli = sys.modules.get(getattr(journal_arg, "__module__", ""), _cli_module)
 
@@ -648,3 +727,14 @@ def register(
     )
     sp.add_argument("--show", type=int, default=20, metavar="N", help="keys listed per region")
     sp.set_defaults(func=cmd_gc)
+
+    sp = sub.add_parser(
+        "region",
+        help="add a region to an existing volume",
+        description="tidefs region add VOLUME NAME=STORE_URL --journal URL",
+    )
+    sp.add_argument("action", metavar="add")
+    sp.add_argument("volume", metavar="VOLUME")
+    sp.add_argument("region", type=_region_arg, metavar="NAME=STORE_URL")
+    common(sp)
+    sp.set_defaults(func=cmd_region)

@@ -31,6 +31,13 @@ with the caller, e.g. the fold's applied offset). A small pool of consumers
 lets several readers follow the log at once; each remembers its position, so
 a reader that asks for the next record continues without a seek. Offsets may
 have gaps (transaction markers), so nothing here assumes `next == last + 1`.
+
+Trimming. Records below some offset may be deleted from the topic (Kafka's
+`delete-records`, once snapshots cover them): `start()` is then the topic's
+low watermark. A read that starts below it raises `LogTrimmed` instead of
+letting the consumer skip ahead to the first record still stored, which
+would fold a state on without the records it never saw. The check costs one
+request when a reader is positioned anew, never on a reader that continues.
 """
 
 from __future__ import annotations
@@ -74,6 +81,20 @@ _VOLUME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _C = TypeVar("_C")
 _BATCH_OVERHEAD = 64 << 10
 """Room above `max_record_bytes` for the record batch framing and headers."""
+
+
+class LogTrimmed(JournalError):
+    """A read asked for records below the log's start: they were deleted (the topic was trimmed)."""
+
+    def __init__(self, volume: str, start: int, wanted: int) -> None:
+        super().__init__(
+            f"the log of volume {volume!r} starts at offset {start} (older records were "
+            f"deleted), so the records from offset {wanted} on cannot be read: a state at "
+            f"offset {wanted - 1} cannot catch up; start it from a snapshot instead (an empty "
+            "state directory starts from the newest usable snapshot)"
+        )
+        self.start = start
+        self.wanted = wanted
 
 
 class KafkaLog(Log):
@@ -418,9 +439,11 @@ class KafkaLog(Log):
         if reader.position != start:
             # Never fetch beyond the log end: Kafka would answer "out of range"
             # and reset the position. Start at the end and skip up to `start`.
-            fetch_from = start
-            if start > self._known_head:
-                fetch_from = min(start, self._watermark(time.monotonic() + self.timeout))
+            # Nor below the start: the reset would skip the deleted records.
+            low, high = self._watermarks(time.monotonic() + self.timeout)
+            if start < low:
+                raise LogTrimmed(self.volume, low, start)
+            fetch_from = min(start, high)
             consumer.assign([TopicPartition(self.topic, 0, fetch_from)])
             reader.position = fetch_from
         # Once records at or after `start` are known to exist, the wait is for
@@ -519,7 +542,16 @@ class KafkaLog(Log):
         self._check_open()
         return self._watermark(time.monotonic() + self.timeout)
 
+    def start(self) -> int:
+        """Return the low watermark: the first offset still stored (0 unless trimmed)."""
+        self._check_open()
+        return self._watermarks(time.monotonic() + self.timeout)[0]
+
     def _watermark(self, deadline: float) -> int:
+        return self._watermarks(deadline)[1]
+
+    def _watermarks(self, deadline: float) -> tuple[int, int]:
+        """Return (low, high) watermarks, asked of the partition leader now."""
         with self._meta_lock:
             result = self._call(
                 lambda left: self._meta.get_watermark_offsets(self._tp, timeout=left, cached=False),
@@ -530,9 +562,9 @@ class KafkaLog(Log):
             raise JournalUnavailable(
                 f"no watermarks for {self.topic} from {self.bootstrap} within {self.timeout}s"
             )
-        high = int(result[1])
+        low, high = int(result[0]), int(result[1])
         self._known_head = max(self._known_head, high)
-        return high
+        return max(0, low), high
 
     def offset_for_time(self, timestamp_ns: int) -> int:
         """Return the first offset whose append time is >= `timestamp_ns` (head() if none)."""

@@ -1072,7 +1072,9 @@ def run_replicator(
     """
     from tidefs.journal.log import open_log
     from tidefs.replica.replica import Replica, fold_range
+    from tidefs.replica.snapshot import SnapshotError, bootstrap_state
     from tidefs.replica.state import StateError, StateLockedError
+    from tidefs.replica.status import StatusPublisher
 
     stop = stop or threading.Event()
     state_path, progress_path = replicator_dirs(state_dir)
@@ -1080,6 +1082,7 @@ def run_replicator(
     state: State | None = None
     replica: Replica | None = None
     replicator: Replicator | None = None
+    publisher: StatusPublisher | None = None
     restore = _install_signals(stop)
     try:
         if (Path(state_dir) / "CURRENT").exists():
@@ -1088,6 +1091,11 @@ def run_replicator(
                 "a directory of its own"
             )
         log_ = open_log(journal_url, volume)
+        try:
+            # A new replicator's own state starts from the newest usable snapshot.
+            bootstrap_state(log_, state_path, volume=volume, prefer=region)
+        except SnapshotError as exc:
+            raise ReplicatorError(str(exc)) from exc
         try:
             state = State.open(state_path)
         except StateLockedError as exc:
@@ -1115,6 +1123,14 @@ def run_replicator(
             bandwidth_limit=bandwidth_limit,
             store_timeout=store_timeout,
         ).start()
+        # Publish like a mount does, so that `tidefs status` and gc see this region.
+        rep, repl = replica, replicator
+        publisher = StatusPublisher(
+            journal_url,
+            volume,
+            region,
+            lambda: {"applied_offset": rep.applied, **repl.status_fields()},
+        ).start()
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         next_report = time.monotonic() + report_interval
         mark = replicator._idle_target()  # --once: everything appended before now
@@ -1124,6 +1140,7 @@ def run_replicator(
             if once:
                 if replicator._wait_idle(mark, min(0.5, max(0.0, deadline - time.monotonic()))):
                     _report(replicator, logging.INFO)
+                    publisher.publish_final()
                     s = replicator.stats()
                     print(
                         f"replicated {s.blocks_copied} blocks ({s.bytes_copied} bytes) to region "
@@ -1147,6 +1164,8 @@ def run_replicator(
         return 1
     finally:
         restore()
+        if publisher is not None:
+            publisher.stop()
         if replicator is not None:
             replicator.close()
         if replica is not None:

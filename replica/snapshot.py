@@ -504,6 +504,81 @@ def restore_newest_snapshot_from(
     return None
 
 
+def bootstrap_state(
+    log_: Log,
+    dest: str | os.PathLike[str],
+    *,
+    volume: str,
+    to_offset: int | None = None,
+    prefer: str | None = None,
+    stores: Iterable[BlockStore] = (),
+) -> tuple[int, str] | None:
+    """Fill the empty state directory `dest` from the newest usable snapshot at or below `to_offset`.
+
+    This is where a region's state begins: a mount, `tidefs replay`, a
+    replicator and a new region call it before their first fold, and then fold
+    the rest of the log. Snapshots are looked for in the stores of the
+    volume's regions (as its first record, or with a trimmed log the newest
+    manifest in `stores`, names them) and in `stores`; at equal offsets the
+    `prefer` region's store comes first.
+
+    Returns (offset, region) of the snapshot used, or None when `dest` already
+    holds something, the log is empty, or the log still starts at offset 0 and
+    no usable snapshot was found (or no store could be listed): the caller then
+    folds from offset 0. With a trimmed log a snapshot is required, and one
+    too old to fold on from the log's start is refused: SnapshotError, naming
+    the log's start, and `dest` is left empty.
+    """
+    from tidefs.replica.fetch import open_region_stores
+
+    path = Path(dest)
+    existed = path.exists()
+    if existed and (not path.is_dir() or any(path.iterdir())):
+        return None
+    head = log_.head()
+    if head == 0:
+        return None
+    first = log_.start()
+    target = head - 1 if to_offset is None else min(to_offset, head - 1)
+    extra = list(stores)
+    info = volume_from_log(log_, extra)
+    where: dict[str, BlockStore] = {f"--store {i + 1}": s for i, s in enumerate(extra)}
+    opened = open_region_stores(info)
+    try:
+        where.update(opened)
+        try:
+            found = restore_newest_snapshot_from(
+                where, path, at_or_below=target, volume=volume, prefer=prefer
+            )
+        except StoreError as exc:
+            if first > 0:
+                raise SnapshotError(
+                    f"the log of {volume} starts at offset {first} and the snapshots that "
+                    f"must replace the older records cannot be listed: {exc}"
+                ) from exc
+            log.info("no snapshot could be listed (%s); folding the log from offset 0", exc)
+            return None
+    finally:
+        for store in opened.values():
+            with contextlib.suppress(Exception):
+                store.close()
+    if found is not None and found[0] + 1 < first and found[0] < target:
+        shutil.rmtree(path, ignore_errors=True)
+        if existed:
+            path.mkdir()
+        found = None
+    if found is None and first > 0 and target >= 0:
+        names = ", ".join(where)
+        raise SnapshotError(
+            f"the log of {volume} starts at offset {first}, and no usable snapshot at an "
+            f"offset from {first - 1} to {target} is in the stores of {names}: take a snapshot "
+            "(tidefs snapshot) in a region that has a state, or name a store that holds one"
+        )
+    if found is not None:
+        log.info("state %s starts from the snapshot at offset %d of region %s", path, *found)
+    return found
+
+
 def rebuild_state(
     log_: Log,
     dest: str | os.PathLike[str],

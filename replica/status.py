@@ -84,6 +84,7 @@ class StatusPublisher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._log: Log | None = None
+        self._lock = threading.Lock()
 
     def start(self) -> StatusPublisher:
         """Start publishing in a daemon thread."""
@@ -96,21 +97,30 @@ class StatusPublisher:
         return self
 
     def stop(self) -> None:
-        """Publish once more (so the last figures are current) and stop."""
+        """Stop publishing and close the status log."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        with self._lock:
+            if self._log is not None:
+                self._log.close()
+                self._log = None
 
     def publish(self) -> None:
         """Append one report now."""
-        if self._log is None:
-            self._log = open_log(self.journal_url, status_volume(self.volume))
-        report = {"region": self.region, "published_ns": time.time_ns(), **self.collect()}
-        self._log.append(json.dumps(report, sort_keys=True).encode())
+        with self._lock:
+            if self._log is None:
+                self._log = open_log(self.journal_url, status_volume(self.volume))
+            report = {"region": self.region, "published_ns": time.time_ns(), **self.collect()}
+            self._log.append(json.dumps(report, sort_keys=True).encode())
+
+    def publish_final(self) -> None:
+        """Append one report now, so that the last figures are current; a failure only warns."""
+        try:
+            self.publish()
+        except JournalError as exc:
+            log.warning("could not publish status: %s", exc)
 
     def _run(self) -> None:
         while True:
@@ -154,7 +164,8 @@ def read_status(
             lag_records = max(0, m_head - 1 - applied)
             lag_seconds = 0.0
             if lag_records:
-                first_missing = mlog.read(applied + 1, max_records=1, timeout=1.0)
+                # Below the log's start the oldest record still stored bounds the lag.
+                first_missing = mlog.read(max(applied + 1, m_start), max_records=1, timeout=1.0)
                 if first_missing:
                     lag_seconds = max(0.0, (time.time_ns() - first_missing[0].timestamp_ns) / 1e9)
             known = {f for f in RegionStatus.__dataclass_fields__ if f != "extra"}

@@ -14,12 +14,17 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
 
+from tests.harness.kafka import KafkaBroker
 from tidefs.journal.commands import (
     ROOT_INODE,
     AddRegion,
@@ -34,12 +39,14 @@ from tidefs.journal.commands import (
     SliceRef,
     Unlink,
 )
+from tidefs.journal.kafka import LogTrimmed
 from tidefs.journal.log import Log, open_log
 from tidefs.replica.blocks import block_key, new_slice_id
 from tidefs.replica.fetch import blocks_needed
 from tidefs.replica.replica import Replica, fold_range
 from tidefs.replica.snapshot import (
     PART_SIZE,
+    copy_state,
     create_snapshot,
     list_incomplete,
     list_snapshots,
@@ -51,6 +58,7 @@ from tidefs.replica.snapshot import (
     restore_newest_snapshot,
 )
 from tidefs.replica.state import State
+from tidefs.replica.status import StatusPublisher, read_status
 from tidefs.replica.store import BlockStore, open_store
 
 BS = 64 << 10
@@ -526,5 +534,110 @@ def test_log_trim_point(tmp_path: Path) -> None:
             listed["log_trim_offset"] == 0
             and "published no applied offset" in listed["log_trim_reason"]
         )
+    finally:
+        vol.close()
+
+
+def test_replay_of_an_empty_directory_starts_from_a_snapshot(
+    ops_volume: Callable[..., OpsVolume], tmp_path: Path
+) -> None:
+    """`tidefs replay` into an empty directory starts from the newest snapshot at or below its target."""
+    vol = ops_volume()
+    churn(vol, 15, seed=4)
+    lg = vol.open_log()
+    snap, _ = create_snapshot(lg, vol.stores, volume=vol.name, region="b", work_dir=tmp_path)
+    churn(vol, 10, seed=5)
+    head = vol.sync("a")
+
+    def replay(dest: Path, to_offset: int) -> tuple[dict[str, object], str]:
+        proc = run_cli(
+            "replay", vol.name, "--journal", vol.journal_url, "--state-dir", str(dest),
+            "--to-offset", str(to_offset), "--json",
+        )  # fmt: skip
+        return json.loads(proc.stdout), proc.stderr
+
+    def full_replay_digest(to_offset: int) -> str:
+        with State.open(tmp_path / f"full-{to_offset}") as full:
+            fold_range(lg, full, to_offset=to_offset)
+            return full.digest_hex()
+
+    mid = (snap.offset + head) // 2
+    assert snap.offset < mid < head
+    doc, err = replay(tmp_path / "from-snapshot", mid)
+    assert f"starting from the snapshot at offset {snap.offset} (region b)" in err
+    assert (doc["snapshot_offset"], doc["offset"]) == (snap.offset, mid)
+    assert doc["digest"] == full_replay_digest(mid)
+
+    # Below the snapshot there is nothing to start from: the replay begins at offset 0.
+    doc, err = replay(tmp_path / "before-snapshot", snap.offset - 2)
+    assert doc["snapshot_offset"] is None and "starting from" not in err
+    assert doc["digest"] == full_replay_digest(snap.offset - 2)
+
+
+def test_trimmed_kafka_log(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    """A trimmed topic: start() is its low watermark, old states fail clearly, new ones use snapshots."""
+    urls = {"a": (tmp_path / "store-a").as_uri(), "b": (tmp_path / "store-b").as_uri()}
+    name = f"trim-{uuid.uuid4().hex[:8]}"
+    vol = OpsVolume.create(kafka_broker.url, name, tmp_path, urls)
+    try:
+        churn(vol, 8, seed=6)
+        stale = vol.sync("b")  # region b stops here, below the trim point
+        churn(vol, 8, seed=7)
+        lg = vol.open_log()
+        snap, _ = create_snapshot(lg, vol.stores, volume=name, region="a", work_dir=tmp_path)
+        churn(vol, 5, seed=8)
+        head = vol.sync("a")
+        assert lg.start() == 0
+
+        trim = snap.offset + 1
+        admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+        futures = admin.delete_records([TopicPartition(f"tidefs.{name}.log", 0, trim)])
+        for future in futures.values():
+            future.result(timeout=30)
+        assert lg.start() == trim
+        assert [r.offset for r in lg.read(trim, max_records=1)] == [trim]
+
+        # Records below the start are gone: a read or a fold from there says so, never skips them.
+        with pytest.raises(LogTrimmed, match=f"starts at offset {trim}.*snapshot"):
+            lg.read(stale + 1)
+        with pytest.raises(LogTrimmed):
+            fold_range(lg, vol.state("b"))
+        assert vol.state("b").applied_offset() == stale
+        copy_state(vol.state_dir("b"), tmp_path / "stale-b")
+        proc = run_cli(
+            "replay", name, "--journal", kafka_broker.url, "--state-dir",
+            str(tmp_path / "stale-b"), check=False,
+        )  # fmt: skip
+        assert proc.returncode == 1
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"starts at offset {trim}" in proc.stderr and "snapshot" in proc.stderr
+
+        # `tidefs status` warns about region b, whose state is older than the log's start.
+        for region, applied in (("a", head), ("b", stale)):
+            report: dict[str, Any] = {"applied_offset": applied}
+            publisher = StatusPublisher(kafka_broker.url, name, region, report.copy)
+            publisher.publish()
+            publisher.stop()
+        status = read_status(kafka_broker.url, name)
+        assert status["b"].state_before_log_start and not status["a"].state_before_log_start
+        proc = run_cli("status", name, "--journal", kafka_broker.url)
+        assert f"warning: region b is at offset {stale}, older than the log's start" in proc.stderr
+        assert "region a" not in proc.stderr
+
+        # Without a store to find snapshots in, an empty directory cannot start: one clear line.
+        proc = run_cli(
+            "replay", name, "--journal", kafka_broker.url, "--state-dir",
+            str(tmp_path / "nowhere"), check=False,
+        )  # fmt: skip
+        assert proc.returncode == 1 and "--store" in proc.stderr, proc.stderr
+
+        # A fresh state starts from the snapshot above the trim point and agrees with region a.
+        proc = run_cli(
+            "replay", name, "--journal", kafka_broker.url, "--state-dir",
+            str(tmp_path / "fresh"), "--store", urls["a"], "--json",
+        )  # fmt: skip
+        doc = json.loads(proc.stdout)
+        assert (doc["snapshot_offset"], doc["offset"]) == (snap.offset, head)
+        assert doc["digest"] == vol.state("a").digest_hex()
     finally:
         vol.close()
