@@ -79,3 +79,31 @@ def test_lag_rises_while_a_region_is_paused_and_falls_after(
 
 def test_status_before_any_report(journal_url: str, journal_volume: str) -> None:
     assert read_status(journal_url, journal_volume) == {}
+
+
+def test_a_replicate_only_region_publishes_its_status(tmp_path: Path) -> None:
+    """`tidefs replicate` publishes like a mount: status shows the region and gc counts it."""
+    from tidefs.fs.volume import format_volume
+
+    journal = f"sqlite://{tmp_path / 'log.db'}"
+    regions = [Region(n, (tmp_path / f"store-{n}").as_uri()) for n in ("a", "b")]
+    format_volume(journal, "vol", regions, "a")
+
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "tidefs.fs.cli", *args],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+
+    assert read_status(journal, "vol") == {}
+    cli("replicate", "vol", "--journal", journal, "--region", "b", "--once",
+        "--state-dir", str(tmp_path / "replicate-b"))  # fmt: skip
+    status = json.loads(cli("status", "vol", "--journal", journal, "--json"))
+    assert set(status) == {"b"}
+    assert status["b"]["applied_offset"] == 0 and status["b"]["backlog_blocks"] == 0
+
+    cli("replay", "vol", "--journal", journal, "--state-dir", str(tmp_path / "a"), "-q")
+    gc = json.loads(
+        cli("gc", "vol", "--journal", journal, "--json", "--state-dir", f"a={tmp_path / 'a'}")
+    )
+    assert gc["blocked"] is None and gc["applied"] == {"a": 0, "b": 0}
