@@ -185,6 +185,12 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return sync_mount(args.mountpoint, timeout=args.timeout, data=args.data)
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from tidefs.fs.top import run_top
+
+    return run_top(args.journal, args.volume, interval=args.interval, iterations=args.iterations)
+
+
 def cmd_replicate(args: argparse.Namespace) -> int:
     from tidefs.fs.mount import default_state_dir
     from tidefs.replica.replicator import run_replicator
@@ -199,6 +205,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         bandwidth_limit=args.bandwidth_limit,
         once=args.once,
         timeout=args.timeout,
+        metrics_port=args.metrics_port,
     )
 
 
@@ -423,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bandwidth-limit", type=parse_size, default=None, metavar="BYTES_PER_S")
     sp.add_argument("--once", action="store_true", help="copy the current backlog, then exit")
     sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    sp.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on PORT"
+    )
     sp.set_defaults(func=cmd_replicate)
 
     sp = sub.add_parser("log", help="print the decoded records of a volume's log")
@@ -455,6 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     journal_arg(sp)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
+
+    sp = sub.add_parser("top", help="a live view of every region's lag (q quits)")
+    sp.add_argument("volume")
+    journal_arg(sp)
+    sp.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
+    sp.add_argument(
+        "--iterations", type=int, default=None, metavar="N", help="quit after N refreshes"
+    )
+    sp.set_defaults(func=cmd_top)
 
     sp = sub.add_parser("digest", help="print the applied offset and digest of a state directory")
     sp.add_argument("--state-dir", required=True, metavar="DIR")

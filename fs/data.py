@@ -86,7 +86,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tidefs.fs import metrics
+from tidefs import telemetry
 from tidefs.fs.cache import DiskBlockCache, MemoryBlockCache
 from tidefs.journal.commands import (
     CommitSlice,
@@ -420,6 +420,7 @@ class BlockReader:
         key = block_key(ref.slice_id, index)
         data = self.memory.get(key)
         if data is not None:
+            telemetry.cache_hits.add(1, telemetry.attrs(level="memory"))
             return data
         fut, owner = self._claim(key)
         if owner:
@@ -439,8 +440,9 @@ class BlockReader:
     def _load(self, key: str, ref: SliceRef, index: int) -> bytes:
         data = self.disk.get(key)
         if data is not None:
-            metrics.CACHE_HITS.add(1, {"level": "disk"})
+            telemetry.cache_hits.add(1, telemetry.attrs(level="disk"))
             return data
+        telemetry.cache_misses.add(1, telemetry.attrs())
         try:
             data = self.remote.get(ref, index)
         except CorruptBlockError as exc:
@@ -766,7 +768,7 @@ class DataPath:
         outcome = self._submit(CommitSlice(inode=ino, chunk_index=ext.chunk, slice=ref), ext)
         if not outcome.ok:
             raise DataError(outcome.errno, f"CommitSlice of inode {ino} rejected")
-        metrics.SLICES_COMMITTED.add(1)
+        telemetry.slices_committed.add(1, telemetry.attrs())
 
     def _submit(self, command: Command, ext: Extent) -> Outcome:
         try:
@@ -789,8 +791,8 @@ class DataPath:
         self._put(self.region, key, payload)
         if self.write_through is not None:
             self._put(self.write_through, key, payload)
-        metrics.BLOCKS_UPLOADED.add(1)
-        metrics.BYTES_UPLOADED.add(len(payload))
+        telemetry.blocks_uploaded.add(1, telemetry.attrs())
+        telemetry.bytes_uploaded.add(len(payload), telemetry.attrs())
         # What was just written is the likeliest to be read next: keep it on disk.
         self.fetcher.disk.put(key, payload)
 
@@ -959,9 +961,9 @@ class DataPath:
     def _compact_task(self, ino: int, chunk: int) -> None:
         try:
             result = self.compact(ino, chunk)
-            metrics.COMPACTIONS.add(1, {"result": result})
+            telemetry.compactions.add(1, telemetry.attrs(result=result))
         except Exception as exc:
-            metrics.COMPACTIONS.add(1, {"result": "failed"})
+            telemetry.compactions.add(1, telemetry.attrs(result="failed"))
             log.warning("compaction of inode %d chunk %d failed: %s", ino, chunk, exc)
         finally:
             with self._lock:

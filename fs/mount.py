@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from tidefs.fs import metrics
+from tidefs import telemetry
 
 if TYPE_CHECKING:
     from tidefs.fs.coherence import Invalidator
@@ -226,7 +226,6 @@ class Mount:
         except Exception as exc:
             raise MountError(f"block store {local_url} is not usable: {exc}") from exc
         self.fetcher = BlockFetcher(cfg.region, self.stores, timeout=cfg.store_timeout)
-        metrics.observe_fetcher(self.fetcher.stats)
 
         # The replica folds through ObservedState so that the invalidator can
         # tell this mount's own commands from everyone else's.
@@ -269,11 +268,20 @@ class Mount:
         self.publisher = StatusPublisher(
             cfg.journal_url, cfg.volume, cfg.region, self._status_fields
         ).start()
-        if cfg.metrics_port is not None:
-            try:
-                metrics.serve_prometheus(cfg.metrics_port)
-            except OSError as exc:
-                raise MountError(f"cannot serve metrics on port {cfg.metrics_port}: {exc}") from exc
+        telemetry.configure(cfg.volume, cfg.region)
+        replica = self.replica
+        telemetry.observe_region(
+            telemetry.RegionSources(
+                log=self.log,
+                applied=lambda: replica.applied,
+                fetch_stats=self.fetcher.stats,
+                replicator=self.replicator,
+            )
+        )
+        try:
+            telemetry.start_exporters(cfg.metrics_port)
+        except OSError as exc:
+            raise MountError(f"cannot serve metrics on port {cfg.metrics_port}: {exc}") from exc
 
     # -- mounting and serving ----------------------------------------------
 
@@ -308,6 +316,7 @@ class Mount:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flush_timer)
             nursery.start_soon(self._signals)
+            nursery.start_soon(self._fold_control)
             if self.cfg.max_staleness is not None:
                 nursery.start_soon(self._lag_monitor)
             nursery.start_soon(self._tune_readahead)
@@ -333,6 +342,25 @@ class Mount:
                     await trio.to_thread.run_sync(self.invalidator.stop)
                 pyfuse3.terminate()
                 return
+
+    async def _fold_control(self) -> None:
+        """SIGUSR1 pauses this region's fold, SIGUSR2 resumes it (operators and tests make lag).
+
+        While paused, writes through this mount block (each waits for its own
+        command to be applied), reads see the state at the paused offset, and
+        the metrics and status reports show the lag growing.
+        """
+        import trio
+
+        with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGUSR2) as signals:
+            async for signum in signals:
+                assert self.replica is not None
+                if signum == signal.SIGUSR1:
+                    log.warning("SIGUSR1: fold paused at offset %d", self.replica.applied)
+                    await trio.to_thread.run_sync(self.replica.pause)
+                else:
+                    log.warning("SIGUSR2: fold resumed from offset %d", self.replica.applied)
+                    self.replica.resume()
 
     async def _flush_timer(self) -> None:
         import trio
@@ -382,7 +410,10 @@ class Mount:
     def _status_fields(self) -> dict[str, Any]:
         """The figures this region publishes for `tidefs status`."""
         assert self.replica is not None
-        fields: dict[str, Any] = {"applied_offset": self.replica.applied}
+        fields: dict[str, Any] = {
+            "applied_offset": self.replica.applied,
+            "apply_delay_p99_s": round(self.replica.delays.p99(), 6),
+        }
         if self.fetcher is not None:
             st = self.fetcher.stats()
             fields["fallback_reads"] = st.fallback_reads
@@ -393,6 +424,7 @@ class Mount:
 
     def close(self) -> None:
         """Flush, unmount, and release everything; safe after a partial open."""
+        telemetry.shutdown()  # first: its last collection still reads the log and replica
         if self.publisher is not None:
             self.publisher.stop()
         if self.invalidator is not None:

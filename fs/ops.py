@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from tidefs.fs import metrics
+from tidefs import telemetry
 from tidefs.fs.coherence import OwnRequests
 from tidefs.fs.data import DataError, DataPath
 from tidefs.journal.commands import (
@@ -92,19 +92,26 @@ def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[An
         started = time.perf_counter()
         try:
             return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+        except pyfuse3.FUSEError as exc:
+            _count_error(name, exc.errno)
             raise
         except DataError as exc:
             if exc.errno == errno.EIO:
                 log.error("%s: %s", name, exc)
+            _count_error(name, exc.errno)
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
             log.exception("%s failed", name)
+            _count_error(name, errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            metrics.FUSE_OP_LATENCY.record(time.perf_counter() - started, {"op": name})
+            telemetry.fuse_duration.record(time.perf_counter() - started, telemetry.attrs(op=name))
 
     return wrapper
+
+
+def _count_error(op: str, code: int) -> None:
+    telemetry.fuse_errors.add(1, telemetry.attrs(op=op, errno=errno.errorcode.get(code, str(code))))
 
 
 def _check_name(name: bytes) -> None:

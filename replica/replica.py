@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from tidefs import telemetry
 from tidefs.journal import codec
 from tidefs.journal.commands import Command, Envelope, Outcome, new_request_id
 from tidefs.journal.log import JournalUnavailable, Log, Record
@@ -116,6 +117,8 @@ class Replica:
         self.error: BaseException | None = None
         self.last_record_ns = 0
         self.applied_at_ns = 0
+        self.delays = telemetry.DelayWindow()
+        """Recent apply delays (writer's timestamp -> applied here), for status reports."""
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -196,6 +199,7 @@ class Replica:
         result = apply_records(self.state, records)
         self.last_record_ns = records[-1].timestamp_ns
         self.applied_at_ns = time.time_ns()
+        telemetry.record_apply((r.timestamp_ns for r in records), self.delays)
         for fn in self._listeners:
             try:
                 fn(result)
@@ -260,18 +264,28 @@ class Replica:
         )
         payload = codec.encode(env)
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                offset = self.log.append(payload, env.timestamp_ns)
-                break
-            except JournalUnavailable:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.2)
-        if not self.wait_applied(offset, max(0.0, deadline - time.monotonic())):
-            raise SubmitTimeout(
-                f"command at offset {offset} not applied by region {self.region} in {timeout}s"
-            )
+        with telemetry.tracer.start_as_current_span(
+            telemetry.SPAN_SUBMIT,
+            attributes={telemetry.ATTR_COMMAND: type(command).__name__, **telemetry.attrs()},
+        ) as span:
+            while True:
+                started = time.perf_counter()
+                try:
+                    offset = self.log.append(payload, env.timestamp_ns)
+                    break
+                except JournalUnavailable:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.2)
+                finally:
+                    telemetry.append_duration.record(
+                        time.perf_counter() - started, telemetry.attrs()
+                    )
+            span.set_attribute(telemetry.ATTR_OFFSET, offset)
+            if not self.wait_applied(offset, max(0.0, deadline - time.monotonic())):
+                raise SubmitTimeout(
+                    f"command at offset {offset} not applied by region {self.region} in {timeout}s"
+                )
         outcome = self.state.outcome(env.request_id)
         if outcome is None:  # pragma: no cover - the fold records every outcome
             raise ReplicaError(f"no outcome recorded for the command at offset {offset}")

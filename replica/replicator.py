@@ -80,6 +80,7 @@ from typing import Any, cast
 
 from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
+from tidefs import telemetry
 from tidefs.journal import codec
 from tidefs.journal.commands import (
     AddRegion,
@@ -1056,6 +1057,7 @@ def run_replicator(
     timeout: float | None = None,
     stop: threading.Event | None = None,
     report_interval: float = 30.0,
+    metrics_port: int | None = None,
 ) -> int:
     """Run the block replicator of `region` for `volume`; return the process exit code.
 
@@ -1066,7 +1068,8 @@ def run_replicator(
     the same time; both skip blocks the other already copied.
 
     Runs until SIGINT/SIGTERM (or `stop` is set), logging the backlog every
-    `report_interval` seconds. With `once`, returns 0 as soon as everything
+    `report_interval` seconds, and serving Prometheus metrics on `metrics_port`
+    (see `tidefs.telemetry`). With `once`, returns 0 as soon as everything
     appended before the start is copied, or 1 if `timeout` passes first.
     Operational errors print one line on stderr and return 1.
     """
@@ -1131,6 +1134,19 @@ def run_replicator(
             region,
             lambda: {"applied_offset": rep.applied, **repl.status_fields()},
         ).start()
+        telemetry.configure(volume, region)
+        telemetry.observe_region(
+            telemetry.RegionSources(
+                log=log_,
+                applied=lambda: rep.applied,
+                fetch_stats=repl.fetcher.stats,
+                replicator=repl,
+            )
+        )
+        try:
+            telemetry.start_exporters(metrics_port)
+        except OSError as exc:
+            raise ReplicatorError(f"cannot serve metrics on port {metrics_port}: {exc}") from exc
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         next_report = time.monotonic() + report_interval
         mark = replicator._idle_target()  # --once: everything appended before now
@@ -1164,6 +1180,7 @@ def run_replicator(
         return 1
     finally:
         restore()
+        telemetry.shutdown()
         if publisher is not None:
             publisher.stop()
         if replicator is not None:
