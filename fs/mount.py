@@ -356,8 +356,9 @@ class Mount:
             async for signum in signals:
                 assert self.replica is not None
                 if signum == signal.SIGUSR1:
-                    log.warning("SIGUSR1: fold paused at offset %d", self.replica.applied)
                     await trio.to_thread.run_sync(self.replica.pause)
+                    # After pause returned: nothing appended from now on is applied.
+                    log.warning("SIGUSR1: fold paused at offset %d", self.replica.applied)
                 else:
                     log.warning("SIGUSR2: fold resumed from offset %d", self.replica.applied)
                     self.replica.resume()

@@ -443,6 +443,10 @@ def start_exporters(port: int | None, *, host: str = "") -> bool:
     provider = MeterProvider(metric_readers=readers, resource=resource)
     metrics.set_meter_provider(provider)
     _shutdown.append(provider.shutdown)
+    # Series that exist from the start, so that a rate over them is defined at 0.
+    for level in ("memory", "disk"):
+        cache_hits.add(0, attrs(level=level))
+    cache_misses.add(0, attrs())
     return True
 
 
