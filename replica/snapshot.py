@@ -541,7 +541,17 @@ def bootstrap_state(
     first = log_.start()
     target = head - 1 if to_offset is None else min(to_offset, head - 1)
     extra = list(stores)
-    info = volume_from_log(log_, extra)
+    try:
+        info = volume_from_log(log_, extra)
+    except SnapshotError as exc:
+        if first == 0 or extra:
+            raise
+        # Without its first record the log names no store to look for snapshots in.
+        raise SnapshotError(
+            f"the log of {volume} starts at offset {first} and {path} holds no state: seed it "
+            f"from a snapshot with `tidefs replay {volume} --journal URL --store STORE_URL "
+            f"--state-dir {path}`, STORE_URL being any block store with the volume's snapshots"
+        ) from exc
     where: dict[str, BlockStore] = {f"--store {i + 1}": s for i, s in enumerate(extra)}
     opened = open_region_stores(info)
     try:

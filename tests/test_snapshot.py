@@ -9,7 +9,9 @@ exactly as a mount writes it.
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from tests.harness.kafka import KafkaBroker
+from tests.harness.mount import MountFactory
 from tidefs.journal.commands import (
     ROOT_INODE,
     AddRegion,
@@ -46,6 +49,7 @@ from tidefs.replica.fetch import blocks_needed
 from tidefs.replica.replica import Replica, fold_range
 from tidefs.replica.snapshot import (
     PART_SIZE,
+    Snapshot,
     copy_state,
     create_snapshot,
     list_incomplete,
@@ -574,26 +578,44 @@ def test_replay_of_an_empty_directory_starts_from_a_snapshot(
     assert doc["digest"] == full_replay_digest(snap.offset - 2)
 
 
-def test_trimmed_kafka_log(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
-    """A trimmed topic: start() is its low watermark, old states fail clearly, new ones use snapshots."""
+@dataclass
+class Trimmed:
+    """A volume whose Kafka topic lost its records below `trim`; region b stopped at `stale`."""
+
+    vol: OpsVolume
+    snap: Snapshot
+    stale: int
+    head: int
+    trim: int
+
+
+def trimmed_volume(broker: KafkaBroker, tmp_path: Path) -> Trimmed:
+    """Write a history, snapshot it in region a, trim the topic just above the snapshot."""
     urls = {"a": (tmp_path / "store-a").as_uri(), "b": (tmp_path / "store-b").as_uri()}
     name = f"trim-{uuid.uuid4().hex[:8]}"
-    vol = OpsVolume.create(kafka_broker.url, name, tmp_path, urls)
-    try:
-        churn(vol, 8, seed=6)
-        stale = vol.sync("b")  # region b stops here, below the trim point
-        churn(vol, 8, seed=7)
-        lg = vol.open_log()
-        snap, _ = create_snapshot(lg, vol.stores, volume=name, region="a", work_dir=tmp_path)
-        churn(vol, 5, seed=8)
-        head = vol.sync("a")
-        assert lg.start() == 0
+    vol = OpsVolume.create(broker.url, name, tmp_path, urls)
+    churn(vol, 8, seed=6)
+    stale = vol.sync("b")  # region b stops here, below the trim point
+    churn(vol, 8, seed=7)
+    lg = vol.open_log()
+    snap, _ = create_snapshot(lg, vol.stores, volume=name, region="a", work_dir=tmp_path)
+    churn(vol, 5, seed=8)
+    head = vol.sync("a")
+    assert lg.start() == 0
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    futures = admin.delete_records([TopicPartition(f"tidefs.{name}.log", 0, snap.offset + 1)])
+    for future in futures.values():
+        future.result(timeout=30)
+    return Trimmed(vol, snap, stale, head, snap.offset + 1)
 
-        trim = snap.offset + 1
-        admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
-        futures = admin.delete_records([TopicPartition(f"tidefs.{name}.log", 0, trim)])
-        for future in futures.values():
-            future.result(timeout=30)
+
+def test_trimmed_kafka_log(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    """A trimmed topic: start() is its low watermark, old states fail clearly, new ones use snapshots."""
+    t = trimmed_volume(kafka_broker, tmp_path)
+    vol, snap, stale, head, trim = t.vol, t.snap, t.stale, t.head, t.trim
+    name, urls = vol.name, vol.urls
+    try:
+        lg = vol.open_log()
         assert lg.start() == trim
         assert [r.offset for r in lg.read(trim, max_records=1)] == [trim]
 
@@ -639,5 +661,30 @@ def test_trimmed_kafka_log(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
         doc = json.loads(proc.stdout)
         assert (doc["snapshot_offset"], doc["offset"]) == (snap.offset, head)
         assert doc["digest"] == vol.state("a").digest_hex()
+    finally:
+        vol.close()
+
+
+def test_mounts_on_a_trimmed_kafka_log(
+    kafka_broker: KafkaBroker, mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    """A mount behind the log's start is refused with the way out; seeded from a snapshot, it works."""
+    t = trimmed_volume(kafka_broker, tmp_path)
+    vol = t.vol
+    try:
+        m = mount_factory(volume=vol.name, journal_url=kafka_broker.url, region="b", start=False)
+        copy_state(vol.state_dir("b"), m.state_dir)
+        with pytest.raises(RuntimeError, match=rf"starts at offset {t.trim}.*from a snapshot"):
+            m.start()
+        shutil.rmtree(m.state_dir)
+        with pytest.raises(RuntimeError, match=r"holds no state: seed it from a snapshot"):
+            m.start()
+        run_cli(
+            "replay", vol.name, "--journal", kafka_broker.url, "--store", vol.urls["a"],
+            "--state-dir", str(m.state_dir), "-q",
+        )  # fmt: skip
+        m.start()
+        names = sorted(os.fsdecode(name) for _c, name, _i in vol.state("a").readdir(ROOT_INODE))
+        assert names and sorted(os.listdir(m.path)) == names
     finally:
         vol.close()
