@@ -1132,7 +1132,11 @@ def run_replicator(
             journal_url,
             volume,
             region,
-            lambda: {"applied_offset": rep.applied, **repl.status_fields()},
+            lambda: {
+                "applied_offset": rep.applied,
+                "apply_delay_p99_s": round(rep.delays.p99(), 6),
+                **repl.status_fields(),
+            },
         ).start()
         telemetry.configure(volume, region)
         telemetry.observe_region(
