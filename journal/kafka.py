@@ -37,7 +37,9 @@ Trimming. Records below some offset may be deleted from the topic (Kafka's
 low watermark. A read that starts below it raises `LogTrimmed` instead of
 letting the consumer skip ahead to the first record still stored, which
 would fold a state on without the records it never saw. The check costs one
-request when a reader is positioned anew, never on a reader that continues.
+request when a reader is positioned anew; a reader that continues asks only
+when the next record is not the one it expected (a trim under its feet makes
+the consumer jump to the new start, which looks like such a gap).
 """
 
 from __future__ import annotations
@@ -481,16 +483,29 @@ class KafkaLog(Log):
         batch = [first]
         if max_records > 1:
             batch += reader.consumer.consume(max_records - 1, 0)
-        records = []
+        records: list[Record] = []
         for message in batch:
             record = self._record(message)
             if record is None:
                 continue
+            if not records and record.offset > start:
+                self._check_not_trimmed(reader, start)
             reader.position = record.offset + 1
             self._known_head = max(self._known_head, record.offset + 1)
             if record.offset >= start:
                 records.append(record)
         return records
+
+    def _check_not_trimmed(self, reader: _Reader, start: int) -> None:
+        """Raise LogTrimmed if records from `start` on were deleted under a positioned reader.
+
+        A gap after `start` is either one Kafka may leave, or the consumer's
+        reset to the low watermark after a trim: only the watermark tells.
+        """
+        low = self._watermarks(time.monotonic() + self.timeout)[0]
+        if start < low:
+            reader.position = None
+            raise LogTrimmed(self.volume, low, start)
 
     def _record(self, msg: Message) -> Record | None:
         err = msg.error()

@@ -587,6 +587,8 @@ class Trimmed:
     stale: int
     head: int
     trim: int
+    follower: Log
+    """A log whose reader was positioned just after `stale` before the trim."""
 
 
 def trimmed_volume(broker: KafkaBroker, tmp_path: Path) -> Trimmed:
@@ -602,11 +604,17 @@ def trimmed_volume(broker: KafkaBroker, tmp_path: Path) -> Trimmed:
     churn(vol, 5, seed=8)
     head = vol.sync("a")
     assert lg.start() == 0
+    # Fetch one record at a time, so that the trim lands under this reader's feet.
+    follower = open_log(
+        broker.url, name, **{"max.partition.fetch.bytes": 1, "queued.min.messages": 1}
+    )
+    vol.logs.append(follower)
+    assert [r.offset for r in follower.read(stale + 1, max_records=1)] == [stale + 1]
     admin = AdminClient({"bootstrap.servers": broker.bootstrap})
     futures = admin.delete_records([TopicPartition(f"tidefs.{name}.log", 0, snap.offset + 1)])
     for future in futures.values():
         future.result(timeout=30)
-    return Trimmed(vol, snap, stale, head, snap.offset + 1)
+    return Trimmed(vol, snap, stale, head, snap.offset + 1, follower)
 
 
 def test_trimmed_kafka_log(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
@@ -624,6 +632,15 @@ def test_trimmed_kafka_log(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
             lg.read(stale + 1)
         with pytest.raises(LogTrimmed):
             fold_range(lg, vol.state("b"))
+        # A reader positioned before the trim never skips from a deleted record to the new
+        # start: it gets the records it had fetched already, in order, then LogTrimmed.
+        got: list[int] = []
+        with pytest.raises(LogTrimmed):
+            while stale + 2 + len(got) <= head:
+                batch = t.follower.read(stale + 2 + len(got), max_records=100)
+                assert batch
+                got += [r.offset for r in batch]
+        assert got == list(range(stale + 2, stale + 2 + len(got)))
         assert vol.state("b").applied_offset() == stale
         copy_state(vol.state_dir("b"), tmp_path / "stale-b")
         proc = run_cli(
