@@ -171,8 +171,10 @@ def test_mirror_replicates_and_exports_metrics(mount_factory: MountFactory, tmp_
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
-    assert "tidefs_fuse_op_seconds" in text
-    assert "tidefs_fallback_reads" in text
+    from tidefs import telemetry
+
+    assert telemetry.FUSE_DURATION.prometheus + "_count" in text
+    assert telemetry.FALLBACK_READS.prometheus in text
 
 
 def test_max_staleness_mount_serves(mount_factory: MountFactory) -> None:
