@@ -93,6 +93,7 @@ class KafkaBroker:
         controller_port: int | None = None,
         heap: str = "512m",
         ready_timeout: float = 90.0,
+        proxied_port: int | None = None,
     ) -> None:
         self.libs = libs
         self.workdir = Path(workdir)
@@ -104,6 +105,11 @@ class KafkaBroker:
         self.log_path = self.workdir / "broker.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._formatted = False
+        # A second listener that advertises `proxied_port` instead of its own, so
+        # that clients bootstrapping through a TCP proxy on that port keep
+        # talking through it (the chaos suite cuts a region off that way).
+        self.proxied_port = proxied_port
+        self.proxied_listen_port = free_port() if proxied_port is not None else None
 
     @property
     def bootstrap(self) -> str:
@@ -239,6 +245,10 @@ class KafkaBroker:
             "broker.heartbeat.interval.ms": "500",
             "auto.create.topics.enable": "false",
         }
+        if self.proxied_port is not None:
+            settings["listeners"] += f",PROXIED://127.0.0.1:{self.proxied_listen_port}"
+            settings["advertised.listeners"] += f",PROXIED://127.0.0.1:{self.proxied_port}"
+            settings["listener.security.protocol.map"] += ",PROXIED:PLAINTEXT"
         (self.workdir / "server.properties").write_text(
             "".join(f"{key}={value}\n" for key, value in settings.items())
         )
