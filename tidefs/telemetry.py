@@ -325,17 +325,13 @@ def observe_region(sources: RegionSources) -> None:
         return
     _observing = True
 
-    last: list[Any] = [0.0, None]  # (monotonic time, pair): both lag gauges, one measurement
-
     def lag_pair() -> tuple[int, float] | None:
+        # Measured afresh by each gauge: a cached pair could show a scrape the
+        # lag of the one before (a head() and a one-record read are cheap).
         s = _sources
         if s.log is None or s.applied is None:
             return None
-        if time.monotonic() - last[0] > 0.5 or last[1] is None:
-            last[1] = measure_lag(s.log, s.applied())
-            last[0] = time.monotonic()
-        pair: tuple[int, float] = last[1]
-        return pair
+        return measure_lag(s.log, s.applied())
 
     def gauge(m: Metric, read: Callable[[], float | None]) -> None:
         def callback(_options: CallbackOptions) -> list[Observation]:
