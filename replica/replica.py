@@ -199,7 +199,7 @@ class Replica:
         result = apply_records(self.state, records)
         self.last_record_ns = records[-1].timestamp_ns
         self.applied_at_ns = time.time_ns()
-        telemetry.record_apply((r.timestamp_ns for r in records), self.delays)
+        telemetry.record_apply([r.timestamp_ns for r in records], self.delays)
         for fn in self._listeners:
             try:
                 fn(result)
