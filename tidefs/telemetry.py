@@ -1,8 +1,9 @@
 """Every metric and span name of tidefs, and how they leave the process.
 
-All layers (journal, replica, fs) record through the instruments defined here,
-so that a name is written once and the Grafana dashboard, `tidefs top` and the
-tests can refer to the same table. Names follow OpenTelemetry conventions
+Every layer records through the instruments defined here (the replica: apply
+delay, append latency and the submit span; the mount: FUSE, cache and store
+figures), so that a name is written once and the Grafana dashboard and the
+tests refer to the same table. Names follow OpenTelemetry conventions
 (`tidefs.<area>.<what>`, a unit on every instrument); the Prometheus names a
 scrape shows are derived from them by `prometheus_name`, the one place that
 knows the exporter's rules (`tidefs.apply.delay` in `s` is scraped as
