@@ -158,6 +158,95 @@ class NetnsS3Server(S3Server):
             time.sleep(0.1)
 
 
+class DelayProxy:
+    """A TCP forwarder on loopback that delays every byte `delay_ms` in each direction.
+
+    The fallback where netem is refused (and a tool for benchmarks): a
+    client of `port` reaches `target` as if across a link with that one-way
+    delay. It models latency only: bytes keep their order and are released
+    `delay_ms` after they arrived, with no bandwidth cap and no loss. The
+    delay may be changed while it runs; it applies to bytes arriving after.
+    """
+
+    def __init__(self, target: tuple[str, int], delay_ms: float = 0.0, *, port: int = 0) -> None:
+        import socket
+        import threading
+
+        self.target = target
+        self.delay_ms = delay_ms
+        self._listener = socket.create_server(("127.0.0.1", port))
+        self.port: int = self._listener.getsockname()[1]
+        self._closed = threading.Event()
+        self._sockets: list[Any] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="tidefs-delay-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any) -> None:
+        import queue
+        import socket
+        import threading
+
+        pending: queue.Queue[tuple[float, bytes]] = queue.Queue()
+
+        def deliver() -> None:
+            while True:
+                due, data = pending.get()
+                if not data:
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    return
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                try:
+                    dst.sendall(data)
+                except OSError:
+                    return
+
+        threading.Thread(target=deliver, daemon=True).start()
+        while True:
+            try:
+                data = src.recv(1 << 20)
+            except OSError:
+                data = b""
+            pending.put((time.monotonic() + self.delay_ms / 1000, data))
+            if not data:
+                return
+
+    def close(self) -> None:
+        """Stop accepting and cut every forwarded connection."""
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
 def open_delayed_namespace(delay_ms: float) -> DelayedNamespace:
     """Create a delayed namespace or skip the calling test with the machine's reason."""
     try:
