@@ -45,6 +45,7 @@ from tests.harness.mount import (
     TidefsMount,
     snapshot,
 )
+from tests.harness.netns import CROSS_REGION_DELAY_MS, DelayProxy
 from tests.harness.s3 import S3Server
 from tidefs.fs.mount import sync_mount
 from tidefs.fs.volume import format_volume
@@ -567,26 +568,50 @@ def _fsync_ok(fd: int) -> bool:
 # -- across a delayed link --------------------------------------------------------------------
 
 
+@pytest.fixture(params=["netem", "proxy"])
+def far_store_url(
+    request: pytest.FixtureRequest, s3_trio: tuple[S3Server, ...], s3_env: dict[str, str]
+) -> Iterator[str]:
+    """A store URL 30 ms away each way: moto in a namespace behind netem, or behind a DelayProxy.
+
+    The netem variant skips with the kernel's answer where it is refused;
+    the proxy variant (a userspace forwarder holding every byte 30 ms each
+    way) runs everywhere, so the delayed checks never go untested.
+    """
+    if request.param == "netem":
+        server: S3Server = request.getfixturevalue("delayed_s3")
+        yield server.store_url(server.create_bucket())
+        return
+    server = s3_trio[1]
+    server.start()
+    bucket = server.create_bucket()
+    proxy = DelayProxy(("127.0.0.1", server.port), CROSS_REGION_DELAY_MS)
+    try:
+        yield server.store_url(bucket).replace(f":{server.port}", f":{proxy.port}")
+    finally:
+        proxy.close()
+
+
+@pytest.mark.slow
 def test_everything_holds_across_a_30ms_link(
     mount_factory: MountFactory,
     journal_url: str,
     journal_volume: str,
     s3_trio: tuple[S3Server, ...],
-    delayed_s3: S3Server,
+    far_store_url: str,
 ) -> None:
-    """Region b's store sits behind 30 ms each way (a network namespace with netem).
+    """Region b's store sits 30 ms away each way from both mounts.
 
-    b writes through to the primary and has no replicator; a replicates.
-    Trees and digests converge, reads at b fall back across the link, the
+    (A region's store has one URL for every region, so b's own store is
+    across the link too: slower for b, and the same checks must hold.) b
+    writes through to the primary and has no replicator; a's replicator and
+    a's reads of b's files cross the link. Trees and digests converge, the
     primary holds b's blocks on acknowledgement, `sync --data` completes,
     and concurrent writers agree.
     """
     near = s3_trio[0]
     near.start()
-    urls = {
-        "a": near.store_url(near.create_bucket()),
-        "b": delayed_s3.store_url(delayed_s3.create_bucket()),
-    }
+    urls = {"a": near.store_url(near.create_bucket()), "b": far_store_url}
     format_volume(
         journal_url,
         journal_volume,
