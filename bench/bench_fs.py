@@ -21,7 +21,9 @@ Workloads (sizes of the full run; `--quick` and `--tiny` scale them down):
   (latency per overwrite);
 - append 1 KiB x 1000: open with O_APPEND, write 1 KiB, close, 1000 times
   (each close makes the bytes visible to other regions);
-- create + stat + unlink 10,000 files, with 1 and with 8 threads;
+- create + stat + unlink 10,000 files: 1 thread; 8 threads with a directory
+  each (the kernel serialises creates and unlinks inside one directory); and
+  8 threads in one directory;
 - rename of a directory holding 10,000 files (latency of the rename);
 - `tar -xf` of a synthetic source tree (a few thousand small files in folders);
 - model loading: a synthetic 2 GiB safetensors file loaded with
@@ -147,15 +149,26 @@ def _append(d: Path, s: Scale) -> tuple[float, float]:
     return s.appends, elapsed
 
 
-def _csu(d: Path, s: Scale, threads: int) -> tuple[float, float]:
-    base = d / f"csu{threads}"
+def _csu(d: Path, s: Scale, threads: int, shared: bool) -> tuple[float, float]:
+    """Create, stat and unlink `s.files` files, spread over `threads` threads.
+
+    With `shared`, every thread works in one directory: the kernel then runs
+    creates and unlinks of that directory one at a time (its inode lock), so
+    the figure is one request's latency. Otherwise each thread has a
+    directory of its own (mdtest's unique-directory mode), and the requests
+    really run side by side.
+    """
+    base = d / f"csu{threads}{'s' if shared else ''}"
     base.mkdir()
+    dirs = [base if shared else base / f"t{t}" for t in range(threads)]
+    for sub in dirs:
+        sub.mkdir(exist_ok=True)
     errors: list[BaseException] = []
 
     def work(t: int) -> None:
         try:
             for i in range(t, s.files, threads):
-                p = base / f"f{i}"
+                p = dirs[t] / f"f{i}"
                 os.close(os.open(p, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
                 os.stat(p)
                 os.unlink(p)
@@ -171,16 +184,23 @@ def _csu(d: Path, s: Scale, threads: int) -> tuple[float, float]:
     elapsed = time.perf_counter() - started
     if errors:
         raise errors[0]
+    for sub in dirs:
+        if sub != base:
+            sub.rmdir()
     base.rmdir()
     return s.files, elapsed
 
 
 def _csu1(d: Path, s: Scale) -> tuple[float, float]:
-    return _csu(d, s, 1)
+    return _csu(d, s, 1, shared=True)
 
 
 def _csu8(d: Path, s: Scale) -> tuple[float, float]:
-    return _csu(d, s, 8)
+    return _csu(d, s, 8, shared=False)
+
+
+def _csu8s(d: Path, s: Scale) -> tuple[float, float]:
+    return _csu(d, s, 8, shared=True)
 
 
 def _mkfiles(d: Path, s: Scale) -> tuple[float, float]:
@@ -252,6 +272,7 @@ WORKERS: dict[str, Callable[[Path, Scale], tuple[float, float]]] = {
     "append": _append,
     "csu1": _csu1,
     "csu8": _csu8,
+    "csu8s": _csu8s,
     "mkfiles": _mkfiles,
     "rename": _rename,
     "tar": _tar,
@@ -494,6 +515,7 @@ WORKLOADS = {
         Workload("append", "append 1 KiB (open, write, close)", "ops/s"),
         Workload("csu1", "create+stat+unlink, 1 thread", "files/s"),
         Workload("csu8", "create+stat+unlink, 8 threads", "files/s"),
+        Workload("csu8s", "create+stat+unlink, 8 threads, 1 dir", "files/s"),
         Workload("rename", "rename a directory of N files", "ms"),
         Workload("tar", "tar -xf a source tree", "files/s"),
         Workload("safetensors_cold", "load safetensors (numpy), cold", "MiB/s"),
@@ -582,7 +604,8 @@ def bench_target(
     step("append", "append")
     step("csu1", "csu1")
     step("csu8", "csu8")
-    cleanup("csu1", "csu8")
+    step("csu8s", "csu8s")
+    cleanup("csu1", "csu8", "csu8s")
     if step("rename", "mkfiles", record=False):
         step("rename", "rename")
     cleanup("tree", "moved")
@@ -744,6 +767,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated subset of {','.join(TARGETS)}")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json-out", metavar="FILE", help="also write the JSON report to FILE")
     p.add_argument("--no-drop-caches", action="store_true",
                    help="leave the kernel's page cache alone (cold runs then only remount)")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -793,9 +817,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(inputs, ignore_errors=True)
 
     checks = targets_met(rows)
+    report = json.dumps(
+        {"scale": asdict(SCALES[scale]), "rows": [asdict(r) for r in rows], "targets": checks},
+        indent=2,
+    )
+    if args.json_out:
+        Path(args.json_out).write_text(report + "\n")
     if args.json:
-        print(json.dumps({"scale": asdict(SCALES[scale]), "rows": [asdict(r) for r in rows],
-                          "targets": checks}, indent=2))  # fmt: skip
+        print(report)
         return 0
     print()
     print(table(rows, names))

@@ -44,6 +44,6 @@ def test_bench_fs_tiny_runs_every_workload_on_tmpfs_and_tidefs() -> None:
     # tidefs has every workload of tmpfs, plus the cold read straight from its block store.
     assert by_target["tmpfs"] < by_target["tidefs-file"]
     assert "same blocks from the store, cold" in by_target["tidefs-file"]
-    assert len(by_target["tmpfs"]) == 13
+    assert len(by_target["tmpfs"]) == 14
     checks = {(c["target"], c["check"]) for c in report["targets"]}
     assert ("tidefs-file", "create+stat+unlink, 8 threads (files/s)") in checks
