@@ -202,6 +202,10 @@ class Cluster:
         for m in self.mounts.values():
             with contextlib.suppress(Exception):
                 m.stop()
+            # A mount whose daemon died answers ENOTCONN, which ismount() misses.
+            subprocess.run(
+                ["fusermount3", "-u", "-z", str(m.path)], capture_output=True, check=False
+            )
         for path in self._tmpfs:
             subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
         self._tmpfs.clear()

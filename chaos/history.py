@@ -24,6 +24,7 @@ Each region runs one writer and one reader on its own mount:
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import random
@@ -250,7 +251,7 @@ class Workload:
                 dst = rng.choice(live) if rng.random() < 0.3 else f"w-{region}/r{n}"
                 op = Op(op_id, region, "rename", src, dst)
                 self.lineage.move(src, dst)
-                self._run(region, op, lambda s=src, d=dst: os.rename(root / s, root / d))
+                self._run(region, op, functools.partial(os.rename, root / src, root / dst))
                 if op.status == OK and src != dst:
                     live.remove(src)
                     if dst not in live:
@@ -258,7 +259,7 @@ class Workload:
             else:
                 victim = rng.choice(live)
                 op = Op(op_id, region, "unlink", victim)
-                self._run(region, op, lambda v=victim: os.unlink(root / v))
+                self._run(region, op, functools.partial(os.unlink, root / victim))
                 if op.status == OK:
                     live.remove(victim)
             self.stop.wait(self.pause)

@@ -174,7 +174,9 @@ def kill_broker(ctx: Context) -> None:
 
 def restart_broker(ctx: Context) -> None:
     assert ctx.services.broker is not None
+    t = time.monotonic()
     ctx.services.broker.start()
+    ctx.notes.append(f"broker back after {time.monotonic() - t:.1f}s")
 
 
 def cut_region(ctx: Context) -> None:
@@ -187,6 +189,10 @@ def cut_region(ctx: Context) -> None:
 
 def heal_region(ctx: Context) -> None:
     assert ctx.services.kafka_proxy is not None and ctx.services.s3_proxy is not None
+    ctx.notes.append(
+        f"connections cut: journal {ctx.services.kafka_proxy.cut_connections}, "
+        f"store a {ctx.services.s3_proxy.cut_connections} (counted since the run began)"
+    )
     ctx.services.kafka_proxy.heal()
     ctx.services.s3_proxy.heal()
 
@@ -362,6 +368,7 @@ def run_scenario(
     notes: list[str] = []
     digests: dict[str, str] = {}
     convergence: float | None = None
+    t0 = time.monotonic()
     try:
         try:
             cluster.start()
@@ -371,14 +378,17 @@ def run_scenario(
             )
         workload = Workload({r: cluster.path(r) for r in REGIONS}, seed=seed)
         ctx = Context(cluster, services, workload, notes)
+        notes.append(f"set-up {time.monotonic() - t0:.1f}s")
         workload.prepare()
         workload.start()
         time.sleep(phase)
         scenario.inject(ctx)
         time.sleep(phase)
+        healed = time.monotonic()  # convergence time counts from here, restarts included
         scenario.heal(ctx)
-        healed = time.monotonic()
+        notes.append(f"heal {time.monotonic() - healed:.1f}s")
         stuck = workload.finish(timeout=converge_timeout)
+        notes.append(f"workload stopped after {time.monotonic() - healed:.1f}s")
         why = "not tried"
         deadline = healed + converge_timeout
         while time.monotonic() < deadline:
@@ -402,5 +412,7 @@ def run_scenario(
             )
             verdict.problems.append(f"the regions' trees differ at {diff[:5]}")
     finally:
+        t1 = time.monotonic()
         cluster.stop()
+        notes.append(f"tear-down {time.monotonic() - t1:.1f}s")
     return Result(scenario.name, scenario.journal, verdict, convergence, digests, seed, notes)

@@ -10,7 +10,12 @@ broker and one S3 endpoint (`chaos.harness.Services`). Longer runs are
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import pytest
 from chaos.checker import check
 from chaos.harness import Services
 from chaos.history import FAIL, OK, UNKNOWN, History, Lineage, Op, op_id_of, value
+from chaos.proxy import DROP, REFUSE, TcpProxy
 from chaos.scenarios import SCENARIOS, run_scenario
 from tests.harness.mount import fuse_available
 
@@ -33,9 +39,12 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
 
 
 def _param(name: str) -> object:
+    """Every fault on the Kafka journal in the default tier; the SQLite variants are slow."""
     marks = [pytest.mark.fuse, pytest.mark.s3]
     if SCENARIOS[name].journal == "kafka":
         marks.append(pytest.mark.kafka)
+    else:
+        marks.append(pytest.mark.slow)
     return pytest.param(name, id=name, marks=marks)
 
 
@@ -111,3 +120,64 @@ def test_values_are_traceable() -> None:
     assert op_id_of(data) == "b17"
     assert op_id_of(data[:-1] + bytes([data[-1] ^ 1])) is None
     assert op_id_of(b"\0" * len(data)) is None
+
+
+# -- the proxy: cuts exactly the processes it is told to ---------------------------------
+
+
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A loopback echo server."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            threading.Thread(target=_echo, args=(conn,), daemon=True).start()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        stop.set()
+        t.join(5)
+        srv.close()
+
+
+def _echo(conn: socket.socket) -> None:
+    with conn, contextlib.suppress(OSError):
+        while data := conn.recv(4096):
+            conn.sendall(data)
+
+
+def _roundtrip(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"ping")
+        return s.recv(4)
+
+
+def test_proxy_cuts_only_the_processes_named(echo_port: int) -> None:
+    proxy = TcpProxy(echo_port).start()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert _roundtrip(proxy.port) == b"ping"
+        proxy.cut(DROP, pids=[other.pid])  # another process: this one still gets through
+        assert _roundtrip(proxy.port) == b"ping"
+        proxy.cut(DROP, pids=[os.getpid()])  # this process: answers never come
+        with pytest.raises(OSError):
+            _roundtrip(proxy.port)
+        proxy.cut(REFUSE)  # everyone: reset at once
+        with pytest.raises(OSError):
+            _roundtrip(proxy.port)
+        proxy.heal()
+        assert _roundtrip(proxy.port) == b"ping"
+    finally:
+        other.kill()
+        other.wait()
+        proxy.close()
