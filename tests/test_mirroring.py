@@ -641,3 +641,34 @@ def test_everything_holds_across_a_30ms_link(
     histories = run_writers(a, b)
     assert_same_everywhere(regions)
     assert_serial_outcome(b.path / "d", histories)
+
+
+# -- bounded staleness ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store_kind", ["file"], indirect=True)
+def test_max_staleness_makes_reads_wait_for_the_fold(make_regions: RegionsFactory) -> None:
+    """With --max-staleness 1, a read while the fold lags more than 1 s waits and sees the change.
+
+    b's fold is paused (SIGUSR1) before a creates a file; after the lag has
+    passed the bound, a lookup in b is issued and the fold resumed (SIGUSR2).
+    A mount that did not wait would answer ENOENT from its stale state.
+    """
+    regions = make_regions(2, extra={"b": ["--max-staleness", "1"]})
+    a, b = regions.mounts["a"], regions.mounts["b"]
+    (a.path / "old").write_bytes(b"before the pause")
+    sync(b)
+    assert (b.path / "old").read_bytes() == b"before the pause"
+    assert b.proc is not None
+    os.kill(b.proc.pid, signal.SIGUSR1)
+    wait_for(lambda: "fold paused" in b.log_tail(), what="b's fold paused")
+    (a.path / "fresh").write_bytes(b"written while b lagged")
+    time.sleep(2.5)  # the lag passes the 1 s bound, and b's lag monitor (4 Hz) sees it
+    result: list[bytes | int] = []
+    reader = threading.Thread(target=lambda: result.append(read_or_errno(b.path / "fresh")))
+    reader.start()
+    time.sleep(0.5)  # let the lookup reach the mount before the fold resumes
+    os.kill(b.proc.pid, signal.SIGUSR2)
+    reader.join(timeout=60)
+    assert not reader.is_alive()
+    assert result == [b"written while b lagged"]
