@@ -42,6 +42,7 @@ from tidefs.replica.fetch import (
     BlockNotInAnyRegion,
     DeferredStore,
     blocks_needed,
+    localize,
     open_region_stores,
 )
 from tidefs.replica.replica import Replica, fold_range
@@ -649,3 +650,30 @@ def test_run_replicator_once_and_its_errors(
     # A mount's state directory is not the replicator's.
     assert run_replicator(vol.name, sqlite_url, "b", state_dir=tmp_path / "state-a") == 1
     assert "directory of its own" in capsys.readouterr().err
+
+
+def test_localize_copies_what_is_missing_and_names_lost_blocks(
+    make_sqlite_volume: Callable[..., Volume], tmp_path: Path
+) -> None:
+    """The data half of `sync --data`: every needed block lands locally, from any home.
+
+    A block that no region holds is reported by key at once (not retried
+    until the deadline); everything else is copied, verified, exactly once.
+    """
+    vol = make_sqlite_volume({r: file_url(tmp_path, r) for r in "abc"})
+    refs = [vol.write("a", b"fa%d" % i, data(3 * BS + i, i))[1] for i in range(3)]
+    refs.append(vol.write("c", b"fc", data(2 * BS, 9))[1])
+    lost = block_key(refs[0].slice_id, 1)
+    vol.stores["a"].delete(lost)
+    present = block_key(refs[1].slice_id, 0)
+    vol.stores["b"].put_block(present, vol.stores["a"].get_block(present))  # already copied
+    with BlockFetcher("b", vol.stores, timeout=2.0, write_back=False) as fetcher:
+        first = localize(fetcher, refs, deadline=time.monotonic() + 30)
+        assert first.present == 1
+        assert first.copied == sum(blocks_needed(r) for r in refs) - 2
+        assert list(first.missing) == [lost]
+        assert "no region" in first.missing[lost]
+        again = localize(fetcher, refs[1:], deadline=time.monotonic() + 30)
+        assert (again.copied, again.missing) == (0, {})
+    for ref in refs[2:]:
+        assert_copied(vol, ref.home, "b", ref)
