@@ -211,14 +211,30 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 
 def cmd_log(args: argparse.Namespace) -> int:
     from tidefs.journal import codec
+    from tidefs.journal.kafka import LogTrimmed
     from tidefs.journal.log import open_log
 
+    def below_start(start: int, wanted: int) -> CliError:
+        return CliError(
+            f"the log of volume {args.volume!r} starts at offset {start} (older records "
+            f"were deleted), so offset {wanted} cannot be read; use --from {start} or higher"
+        )
+
     with open_log(args.journal, args.volume) as lg:
-        offset = args.from_offset
+        start = lg.start()
+        offset = start if args.from_offset is None else args.from_offset
+        if offset < start:
+            raise below_start(start, offset)
+        if start > 0 and args.from_offset is None:
+            # Trimmed: say where the output starts, so that nobody mistakes it for the whole log.
+            print(f"the log starts at offset {start} (older records were deleted)", file=sys.stderr)
         remaining = args.limit
         while remaining is None or remaining > 0:
             batch = 1000 if remaining is None else min(remaining, 1000)
-            records = lg.read(offset, max_records=batch, timeout=0.0)
+            try:
+                records = lg.read(offset, max_records=batch, timeout=0.0)
+            except LogTrimmed as exc:  # trimmed while we read
+                raise below_start(exc.start, exc.wanted) from exc
             if not records:
                 break
             for rec in records:
@@ -438,7 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("log", help="print the decoded records of a volume's log")
     sp.add_argument("volume")
     journal_arg(sp)
-    sp.add_argument("--from", dest="from_offset", type=int, default=0, metavar="N")
+    sp.add_argument(
+        "--from",
+        dest="from_offset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="first offset to print (default: the log's start)",
+    )
     sp.add_argument("--limit", type=int, default=None, metavar="K")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.set_defaults(func=cmd_log)

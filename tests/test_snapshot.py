@@ -642,6 +642,19 @@ def test_trimmed_kafka_log(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
                 got += [r.offset for r in batch]
         assert got == list(range(stale + 2, stale + 2 + len(got)))
         assert vol.state("b").applied_offset() == stale
+
+        # `tidefs log` prints from where the log starts now and says so; --from below is refused.
+        proc = run_cli("log", name, "--journal", kafka_broker.url, "--json", "--limit", "2")
+        assert [json.loads(line)["offset"] for line in proc.stdout.splitlines()] == [
+            trim,
+            trim + 1,
+        ]
+        assert f"the log starts at offset {trim}" in proc.stderr
+        proc = run_cli("log", name, "--journal", kafka_broker.url, "--from", "0", check=False)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"starts at offset {trim}" in proc.stderr and f"--from {trim}" in proc.stderr
+        assert "snapshot" not in proc.stderr
         copy_state(vol.state_dir("b"), tmp_path / "stale-b")
         proc = run_cli(
             "replay", name, "--journal", kafka_broker.url, "--state-dir",
