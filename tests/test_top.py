@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tidefs.journal.commands import ROOT_INODE, CreateVolume, Mkdir, Region
 from tidefs.journal.log import open_log
@@ -48,8 +49,16 @@ def test_top_shows_every_region_and_quits_on_q(tmp_path: Path) -> None:
         west.wait_applied(0, timeout=30)
         for i in range(7):  # west does not fold these: it is 7 records behind
             east.submit(Mkdir(ROOT_INODE, b"d%d" % i, 0o40755, 0, 0))
-        for name, rep in reps.items():
-            StatusPublisher(url, "vol", name, lambda r=rep: {"applied_offset": r.applied}).publish()
+        west_pub = StatusPublisher(url, "vol", "west", lambda: {"applied_offset": 0})
+        west_pub.publish()
+        # east has read nothing from another region yet; its fold's apply delay p99 is 250 ms.
+        east_report: dict[str, Any] = {
+            "applied_offset": 7,
+            "fallback_reads": 0,
+            "apply_delay_p99_s": 0.25,
+        }
+        east_pub = StatusPublisher(url, "vol", "east", east_report.copy)
+        east_pub.publish()
     finally:
         for rep in reps.values():
             rep.state.close()
@@ -70,6 +79,16 @@ def test_top_shows_every_region_and_quits_on_q(tmp_path: Path) -> None:
         rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
         assert rows["east"][1:3] == ["7", "0"], text  # offset 7, no lag
         assert rows["west"][1:3] == ["0", "7"], text  # offset 0, 7 records behind
+        # The fallback rate and the apply delay p99 of each region are on the screen.
+        assert "FALLBK/S" in text and "P99 APPLY" in text, text
+        assert rows["east"][7:9] == ["0.0", "250.0ms"], text
+        # A newer report with 40 more fallback reads: east's fallback rate becomes positive.
+        east_report["fallback_reads"] = 40
+        east_pub.publish()
+        screen = read_until(primary, proc, re.compile(rb"east +7 +0 .* [1-9][0-9.]* +250\.0ms"))
+        text = ANSI.sub(b"", screen).decode()
+        rows = {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+        assert float(rows["east"][7]) > 0, text
         os.write(primary, b"q")
         assert proc.wait(timeout=30) == 0
     finally:
@@ -77,3 +96,5 @@ def test_top_shows_every_region_and_quits_on_q(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         os.close(primary)
+        east_pub.stop()
+        west_pub.stop()
