@@ -32,6 +32,7 @@ from tests.test_snapshot import (  # noqa: F401 - ops_volume is a fixture
 from tidefs.journal.commands import (
     ROOT_INODE,
     Link,
+    Mkdir,
     Mknod,
     Reclaim,
     Rmdir,
@@ -40,9 +41,10 @@ from tidefs.journal.commands import (
     Symlink,
     Unlink,
 )
+from tidefs.journal.log import open_log
 from tidefs.replica.blocks import block_key
 from tidefs.replica.restore import RESTORE_PREFIX, RestoreError, restore, split_path
-from tidefs.replica.snapshot import create_snapshot
+from tidefs.replica.snapshot import create_snapshot, volume_from_log
 from tidefs.replica.state import State
 
 T0 = 1_600_000_000_000_000_000
@@ -306,5 +308,39 @@ def test_restore_cli_survives_sigkill(tmp_path: Path) -> None:
         other = [a if a != "/proj" else "/proj/sub" for a in common]
         refused = run_cli("restore", *other, "--to", "/back", check=False)
         assert refused.returncode == 1 and "exists" in refused.stderr
+    finally:
+        vol.close()
+
+
+def test_retention_is_a_volume_setting_and_restore_refuses_older_points(tmp_path: Path) -> None:
+    """`format --retention` defaults to 7 days; `tidefs restore` refuses a state older than that."""
+    url = f"sqlite://{tmp_path / 'log.db'}"
+    store = (tmp_path / "s").as_uri()
+    run_cli("format", "plain", "--journal", url, "--region", f"a={store}")
+    run_cli("format", "short", "--journal", url, "--region", f"a={store}", "--retention", "1h")
+    for name, retention in (("plain", 7 * 86400), ("short", 3600)):
+        with open_log(url, name) as lg:
+            assert volume_from_log(lg).retention_s == retention
+
+    # A volume with the default retention whose history reaches back ten days.
+    day = 86400 * 10**9
+    now = time.time_ns()
+    vol = OpsVolume.create(url, "vol", tmp_path, {"a": store}, timestamp_ns=now - 10 * day)
+    try:
+        for name, age in ((b"d1", 10), (b"d2", 9), (b"d3", 1)):
+            vol.submit(Mkdir(ROOT_INODE, name, 0o755, 0, 0), timestamp_ns=now - age * day)
+        vol.submit(Rmdir(ROOT_INODE, b"d1"))
+        # The state at offset 1 (d1 made) ended 9 days ago, when offset 2 was appended: gc
+        # may have collected its blocks. The state at offset 2 lasted until a day ago.
+        common = ["vol", "--journal", url, "--path", "/d1", "-q", "--work-dir", str(tmp_path)]
+        refused = run_cli("restore", *common, "--offset", "1", "--to", "/old", check=False)
+        assert refused.returncode == 1 and refused.stdout == ""
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert "older than the volume's retention of 7d" in refused.stderr
+        assert "the oldest offset that can be restored now is 2" in refused.stderr
+        run_cli("restore", *common, "--offset", "2", "--to", "/back")
+        vol.sync()
+        assert vol.state().lookup(ROOT_INODE, b"old") is None
+        assert vol.state().lookup(ROOT_INODE, b"back") is not None
     finally:
         vol.close()
