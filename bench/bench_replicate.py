@@ -27,10 +27,11 @@ Two figures, each against a reference measured in the same run:
 Cross-region delay (`--delay-ms 0,10,30`): every figure is measured once per
 one-way delay between the regions. Region B reaches region A's store and
 the Kafka broker across the delayed link; A reaches them directly (the
-broker and A's store live in A). The link is a network namespace with netem
-where the kernel allows it (tests/harness/netns.py); where it refuses (the
-report says why), a userspace forwarder that holds every byte for the delay
-in each direction (`DelayProxy`), which models latency but not bandwidth.
+broker and A's store live in A). The link is a userspace forwarder that
+holds every byte for the delay in each direction (`DelayProxy` in
+tests/harness/netns.py): it models latency, not bandwidth or loss. The
+report also says whether this kernel would allow a network namespace with
+netem (the tests' delayed link), and if not, its answer.
 A delay needs the Kafka journal (a SQLite file cannot be far away) and S3
 stores (a directory cannot either): with `--store file` the block figures
 are measured at 0 ms only.
