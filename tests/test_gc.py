@@ -233,7 +233,10 @@ def test_gc_cli_dry_run_apply_unknown_regions_and_grace(tmp_path: Path) -> None:
         out = json.loads(run_cli(*args, "--apply").stdout)
         assert out["applied_deletes"] == len(overwritten | gone)
         assert stored(vol) == live | {stray_key}
-        run_cli(*args, "--apply", "--grace", "0s")
+        # Without -q, --apply shows its progress on stderr; stdout stays JSON.
+        loud = run_cli(*[a for a in args if a != "-q"], "--apply", "--grace", "0s")
+        assert json.loads(loud.stdout)["applied_deletes"] == 1
+        assert "blocks deleted: 1/1" in loud.stderr, loud.stderr
         assert stored(vol) == live
         text = run_cli("gc", "vol", "--journal", url, "--state-dir", f"a={vol.state_dir('a')}")
         assert "no garbage" in text.stdout

@@ -338,7 +338,12 @@ def test_retention_is_a_volume_setting_and_restore_refuses_older_points(tmp_path
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         assert "older than the volume's retention of 7d" in refused.stderr
         assert "the oldest offset that can be restored now is 2" in refused.stderr
-        run_cli("restore", *common, "--offset", "2", "--to", "/back")
+        # Without -q it shows its progress on stderr.
+        loud = run_cli(
+            "restore", *[a for a in common if a != "-q"], "--offset", "2", "--to", "/back"
+        )
+        assert "entries restored: 1/1" in loud.stderr, loud.stderr
+        assert "restored /d1 as of offset 2 to /back" in loud.stdout
         vol.sync()
         assert vol.state().lookup(ROOT_INODE, b"old") is None
         assert vol.state().lookup(ROOT_INODE, b"back") is not None

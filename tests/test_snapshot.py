@@ -437,7 +437,8 @@ def test_snapshot_cli_from_a_locked_state_dir(tmp_path: Path) -> None:
         assert made["new"] and made["offset"] == state.applied_offset()
         assert made["digest"] == state.digest_hex()
         churn(vol, 3, seed=8)
-        run_cli("snapshot", "create", "vol", "--journal", url, "--region", "a", "-q")
+        loud = run_cli("snapshot", "create", "vol", "--journal", url, "--region", "a")
+        assert "records folded:" in loud.stderr and "bytes uploaded:" in loud.stderr, loud.stderr
         listed = json.loads(
             run_cli("snapshot", "list", "vol", "--journal", url, "--region", "a", "--json").stdout
         )
