@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from tidefs.fs import cli as _cli_module
-from tidefs.fs.cli import parse_duration
+from tidefs.fs.cli import _region_spec, parse_duration
 
 if TYPE_CHECKING:
     from tidefs.fs.progress import Progress
@@ -163,13 +163,6 @@ def _named_dir(text: str) -> tuple[str, str]:
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, not {text!r}")
     return name, path
-
-
-def _region_arg(text: str) -> tuple[str, str]:
-    name, sep, url = text.partition("=")
-    if not sep or not name or not url:
-        raise argparse.ArgumentTypeError(f"expected NAME=STORE_URL, not {text!r}")
-    return name, url
 
 
 # -- snapshot ----------------------------------------------------------------------
@@ -735,6 +728,6 @@ def register(
     )
     sp.add_argument("action", metavar="add")
     sp.add_argument("volume", metavar="VOLUME")
-    sp.add_argument("region", type=_region_arg, metavar="NAME=STORE_URL")
+    sp.add_argument("region", type=_region_spec, metavar="NAME=STORE_URL")
     common(sp)
     sp.set_defaults(func=cmd_region)

@@ -9,6 +9,7 @@ real CLI killed with SIGKILL at random points and run again.
 
 from __future__ import annotations
 
+import functools
 import random
 import stat
 import time
@@ -141,22 +142,14 @@ def test_restore_a_deleted_tree(two_regions: OpsVolume, tmp_path: Path) -> None:
     vol.submit(SetAttr(ids["b"], mtime=T0 + 9))
     target = vol.sync()
     want = tree(vol, vol.state(), ids["proj"])
+    run = functools.partial(restore, lg, vol.stores, volume=vol.name, target=target)
     assert want[1] == [["/a.bin", "/sub/hl"], ["/sub/b.txt", "/sub/deep/hl2"]]
 
     delete_tree(vol, ROOT_INODE, b"proj")
     vol.mkfile(vol.mkdir(ROOT_INODE, b"proj"), b"other", data(10, 9))  # a new tree of that name
     assert vol.state().lookup(ROOT_INODE, b"proj") != ids["proj"]
 
-    result = restore(
-        lg,
-        vol.stores,
-        volume=vol.name,
-        source="/proj",
-        dest="/proj.restored",
-        target=target,
-        work_dir=tmp_path / "w1",
-        region="b",
-    )
+    result = run(source="/proj", dest="/proj.restored", work_dir=tmp_path / "w1", region="b")
     assert not result.already and result.entries == len(want[0])
     vol.sync("a")
     vol.sync("b")
@@ -171,59 +164,18 @@ def test_restore_a_deleted_tree(two_regions: OpsVolume, tmp_path: Path) -> None:
     assert vol.state("a").digest() == vol.state("b").digest()
 
     # Again: nothing to do, it says so.
-    again = restore(
-        lg,
-        vol.stores,
-        volume=vol.name,
-        source="/proj",
-        dest="/proj.restored",
-        target=target,
-        work_dir=tmp_path / "w2",
-    )
+    again = run(source="/proj", dest="/proj.restored", work_dir=tmp_path / "w2")
     assert again.already and again.commands == 0
 
     with pytest.raises(RestoreError, match="exists"):
-        restore(
-            lg,
-            vol.stores,
-            volume=vol.name,
-            source="/proj",
-            dest="/proj",
-            target=target,
-            work_dir=tmp_path / "w3",
-        )
+        run(source="/proj", dest="/proj", work_dir=tmp_path / "w3")
     with pytest.raises(RestoreError, match="did not exist"):
-        restore(
-            lg,
-            vol.stores,
-            volume=vol.name,
-            source="/nope",
-            dest="/x",
-            target=target,
-            work_dir=tmp_path / "w4",
-        )
+        run(source="/nope", dest="/x", work_dir=tmp_path / "w4")
     far = time.time_ns() + 30 * 86400 * 10**9  # the target left the 7-day window by then
     with pytest.raises(RestoreError, match="older than the volume's retention"):
-        restore(
-            lg,
-            vol.stores,
-            volume=vol.name,
-            source="/proj",
-            dest="/x",
-            target=target,
-            work_dir=tmp_path / "w5",
-            now_ns=far,
-        )
+        run(source="/proj", dest="/x", work_dir=tmp_path / "w5", now_ns=far)
     # A single file comes back on its own too.
-    restore(
-        lg,
-        vol.stores,
-        volume=vol.name,
-        source="/proj/sub/b.txt",
-        dest="/b.txt",
-        target=target,
-        work_dir=tmp_path / "w6",
-    )
+    run(source="/proj/sub/b.txt", dest="/b.txt", work_dir=tmp_path / "w6")
     vol.sync()
     b = vol.state().lookup(ROOT_INODE, b"b.txt")
     assert b is not None and read_file(vol.state(), b, vol.stores) == b"hello, tidefs\n"
