@@ -246,7 +246,14 @@ def fill_cache(ctx: Context) -> None:
     """Fill region b's cache disk (a small tmpfs) to the last byte."""
     filler = ctx.cluster.mounts["b"].cache_dir / "chaos-filler"
     written = 0
-    with open(filler, "wb") as f:
+    try:
+        f = open(filler, "wb")  # noqa: SIM115 - closed below; the open itself may fail
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        ctx.notes.append("region b's cache disk was already full")
+        return
+    with f:
         for _ in range(100_000):
             try:
                 f.write(b"\0" * (64 << 10))
@@ -390,7 +397,7 @@ def run_scenario(
         stuck = workload.finish(timeout=converge_timeout)
         notes.append(f"workload stopped after {time.monotonic() - healed:.1f}s")
         why = "not tried"
-        deadline = healed + converge_timeout
+        deadline = time.monotonic() + converge_timeout
         while time.monotonic() < deadline:
             cluster.sync(timeout=10)
             done, why, digests = cluster.converged()
@@ -404,6 +411,9 @@ def run_scenario(
             verdict.problems.append(f"operations still stuck after heal: {', '.join(stuck)}")
         if convergence is None:
             verdict.problems.append(f"regions did not converge in {converge_timeout:g}s: {why}")
+        if stuck or convergence is None:
+            for region, m in cluster.mounts.items():
+                notes.append(f"mount {region} log:\n{m.log_tail(20)}")
         if trees["a"] != trees["b"]:
             diff = sorted(
                 p

@@ -58,7 +58,7 @@ def test_scenario_keeps_the_invariants(name: str, services: Services, tmp_path: 
             pytest.fail(f"{name} cannot run: {result.skipped}")
         pytest.skip(result.skipped)
     v = result.verdict
-    assert v.problems == [], f"seed {result.seed}: {v.problems}"
+    assert v.problems == [], f"seed {result.seed}: {v.problems}\n" + "\n".join(result.notes)
     assert result.convergence_s is not None
     assert len(set(result.digests.values())) == 1, result.digests
     assert v.acknowledged > 0 and v.reads > 0, "the workload must have run"
