@@ -5,12 +5,14 @@ Every metric of the issue's list must be in the scrape, labelled with volume
 and region; b's lag must rise while its fold is paused (SIGUSR1) and a keeps
 writing, and fall back to zero once it resumes (SIGUSR2). A mount with
 OTEL_EXPORTER_OTLP_ENDPOINT pushes metrics and a span per mutation (with its
-log offset) to a loopback OTLP receiver.
+log offset) to a loopback OTLP receiver. The names themselves follow
+OpenTelemetry's conventions (checked without a mount).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -27,7 +29,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness.mount import MountFactory, TidefsMount
 from tidefs import telemetry
 
-pytestmark = pytest.mark.fuse
+OTEL_NAME = re.compile(r"^tidefs(\.[a-z][a-z0-9_]*)+$")
+UNIT = re.compile(r"^(s|By|\{[a-z]+\})$")
+
+
+def test_metric_names_follow_opentelemetry_conventions() -> None:
+    """Every name is `tidefs.*`, dotted lower case, unique, with a unit and a description."""
+    assert set(telemetry.REGION_METRICS) <= set(telemetry.ALL)
+    names = [m.name for m in telemetry.ALL]
+    assert len(names) == len(set(names))
+    assert len({m.prometheus for m in telemetry.ALL}) == len(names)
+    for m in telemetry.ALL:
+        assert OTEL_NAME.match(m.name), m.name
+        assert UNIT.match(m.unit), (m.name, m.unit)  # UCUM, or an annotation for counts
+        assert m.kind in ("counter", "histogram", "gauge"), m
+        assert m.description, m.name
+        # OpenTelemetry leaves units and _total out of names; the exporter adds them.
+        assert not m.name.endswith(("_total", "_seconds", "_bytes", ".total")), m.name
+        if m.kind == "histogram":
+            assert m.unit == "s", m.name  # every histogram is a duration, in seconds
+        assert m.prometheus.startswith("tidefs_"), m.prometheus
+    for name in (telemetry.SPAN_SUBMIT, telemetry.ATTR_OFFSET, telemetry.ATTR_COMMAND):
+        assert OTEL_NAME.match(name), name
 
 
 def free_port() -> int:
@@ -86,6 +109,7 @@ def two_regions(mount_factory: MountFactory, tmp_path: Path) -> Iterator[dict[st
     yield {"a": a, "b": b, "ports": ports}
 
 
+@pytest.mark.fuse
 def test_scrape_has_every_metric_and_lag_follows_a_paused_fold(
     two_regions: dict[str, Any],
 ) -> None:
@@ -168,6 +192,7 @@ class _Receiver(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.mark.fuse
 def test_otlp_exports_metrics_and_a_span_per_mutation(
     mount_factory: MountFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

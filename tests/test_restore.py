@@ -14,6 +14,7 @@ import random
 import stat
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +266,7 @@ def test_restore_cli_survives_sigkill(tmp_path: Path) -> None:
 
 
 def test_retention_is_a_volume_setting_and_restore_refuses_older_points(tmp_path: Path) -> None:
-    """`format --retention` defaults to 7 days; `tidefs restore` refuses a state older than that."""
+    """`format --retention` defaults to 7 days; `tidefs restore --offset|--at` refuses older states."""
     url = f"sqlite://{tmp_path / 'log.db'}"
     store = (tmp_path / "s").as_uri()
     run_cli("format", "plain", "--journal", url, "--region", f"a={store}")
@@ -285,15 +286,22 @@ def test_retention_is_a_volume_setting_and_restore_refuses_older_points(tmp_path
         # The state at offset 1 (d1 made) ended 9 days ago, when offset 2 was appended: gc
         # may have collected its blocks. The state at offset 2 lasted until a day ago.
         common = ["vol", "--journal", url, "--path", "/d1", "-q", "--work-dir", str(tmp_path)]
-        refused = run_cli("restore", *common, "--offset", "1", "--to", "/old", check=False)
-        assert refused.returncode == 1 and refused.stdout == ""
-        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
-        assert "older than the volume's retention of 7d" in refused.stderr
-        assert "the oldest offset that can be restored now is 2" in refused.stderr
-        # Without -q it shows its progress on stderr.
-        loud = run_cli(
-            "restore", *[a for a in common if a != "-q"], "--offset", "2", "--to", "/back"
-        )
+
+        def at(days_ago: float) -> list[str]:
+            when = datetime.fromtimestamp((now - days_ago * day) / 1e9, tz=UTC)
+            return ["--at", when.isoformat()]
+
+        # Offset 1, or a time 9.5 days ago (when offset 1 was the newest state): refused.
+        for when in (["--offset", "1"], at(9.5)):
+            refused = run_cli("restore", *common, *when, "--to", "/old", check=False)
+            assert refused.returncode == 1 and refused.stdout == ""
+            assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+            assert "older than the volume's retention of 7d" in refused.stderr
+            assert "the oldest offset that can be restored now is 2" in refused.stderr
+        refused = run_cli("restore", *common, *at(20), "--to", "/old", check=False)
+        assert refused.returncode == 1 and "did not exist yet" in refused.stderr
+        # Five days ago the newest state was offset 2. Without -q, progress goes to stderr.
+        loud = run_cli("restore", *[a for a in common if a != "-q"], *at(5), "--to", "/back")
         assert "entries restored: 1/1" in loud.stderr, loud.stderr
         assert "restored /d1 as of offset 2 to /back" in loud.stdout
         vol.sync()
