@@ -1,5 +1,5 @@
 # tidefs: the two commands of the README, and a few for development.
-.PHONY: demo demo-stop test test-all lint bench setup
+.PHONY: demo demo-stop test test-all lint bench chaos setup
 
 setup:
 	scripts/setup
@@ -27,3 +27,7 @@ test-all: lint
 
 bench: setup
 	.venv/bin/python -m bench
+
+# Fault-injection scenarios: `make chaos CHAOS_ARGS="--seconds 120"`.
+chaos: setup
+	.venv/bin/python -m chaos run $(CHAOS_ARGS)
