@@ -12,7 +12,10 @@ Invariants (numbers as in the issue):
    rename and unlink is reflected, nothing appears that nobody wrote, and no
    value appears at two paths ("nothing unacknowledged appears twice");
 2. (digests: checked by the runner, which reads the states);
-3. every read returned an allowed value or a clean error, never other bytes;
+3. every read returned an allowed value or a clean error, never other bytes,
+   and a read at the writing region never missed that region's acknowledged
+   write (read-your-writes; other regions may lag, so they are held to
+   "a value that was there", not to the newest);
 4. (convergence time: measured by the runner).
 """
 
@@ -22,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.history import OK, UNKNOWN, History, Lineage, op_id_of
+from chaos.history import OK, UNKNOWN, History, Lineage, Op, op_id_of
 
 ABSENT = ""
 
@@ -37,6 +40,7 @@ class Verdict:
     reads: int = 0
     reads_wrong: int = 0
     reads_failed: int = 0
+    reads_fresh_checked: int = 0  # reads held to read-your-writes
     lost: int = 0
     problems: list[str] = field(default_factory=list)
 
@@ -106,6 +110,47 @@ def check_tree(history: History, tree: dict[str, str], regions: list[str], where
     return problems
 
 
+def _touches(op: Op, path: str) -> bool:
+    return op.path == path or (op.kind == "rename" and op.target == path)
+
+
+def stale_reads(history: History) -> tuple[int, list[Op]]:
+    """Return (reads checked, stale reads): reads at the writing region that missed its write.
+
+    Read-your-writes, as the writing region promises it: a read of path P in region R's own directory, at region R, that began
+    after R's writer was acknowledged for the last operation on P, with no
+    other operation on P in flight before the read ended, must see exactly
+    what that operation left: the value of a put, nothing after an unlink or
+    a rename away. (Renames into P and reads at other regions are not
+    checked here: the first needs the whole lineage, the second may lag.)
+    """
+    writes = history.writes()
+    out = []
+    checked = 0
+    for read in history.reads():
+        if read.status != OK or not read.path.startswith(f"w-{read.region}/"):
+            continue
+        touching = [w for w in writes if _touches(w, read.path) and w.start < read.end]
+        if not touching:
+            continue
+        last = touching[-1]
+        if last.status != OK or last.end > read.start:
+            continue
+        want: str | None
+        if last.kind == "put":
+            want = last.op_id
+        elif last.kind == "unlink" or (last.kind == "rename" and last.path == read.path):
+            want = "" if last.path != last.target else None
+        else:
+            want = None
+        if want is None:
+            continue
+        checked += 1
+        if read.seen != want:
+            out.append(read)
+    return checked, out
+
+
 def check(history: History, lineage: Lineage, trees: dict[str, dict[str, str]]) -> Verdict:
     """Check the history's reads (invariant 3) and every region's final tree (invariant 1)."""
     v = Verdict()
@@ -122,6 +167,14 @@ def check(history: History, lineage: Lineage, trees: dict[str, dict[str, str]]) 
             v.reads_wrong += 1
             if v.reads_wrong <= 5:
                 v.problems.append(f"read at {op.region} of {op.path} returned {op.seen}")
+    v.reads_fresh_checked, stale = stale_reads(history)
+    for op in stale:
+        v.reads_wrong += 1
+        if v.reads_wrong <= 5:
+            v.problems.append(
+                f"read at {op.region} of {op.path} returned {op.seen or 'nothing'} after its "
+                "own region acknowledged a later write (read-your-writes)"
+            )
     regions = sorted({op.region for op in writes} | set(trees))
     for where, tree in trees.items():
         found = check_tree(history, tree, regions, f"region {where}")

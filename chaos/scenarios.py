@@ -94,6 +94,7 @@ class Result:
             "reads": v.reads,
             "reads_wrong": v.reads_wrong,
             "reads_failed": v.reads_failed,
+            "reads_fresh_checked": v.reads_fresh_checked,
             "convergence_s": self.convergence_s,
             "digests": self.digests,
             "seed": self.seed,

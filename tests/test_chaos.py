@@ -115,6 +115,19 @@ def test_checker_rejects_wrong_bytes_read() -> None:
     assert v.reads_wrong == 1
 
 
+def test_checker_rejects_a_stale_read_at_the_writing_region() -> None:
+    h, lin = _history()
+    put = h.ops[0]  # a1 at w-a/f1, acknowledged
+    put.end = put.start + 1
+    for region, seen, stale in (("a", "", True), ("a", "a1", False), ("b", "", False)):
+        h2 = History(ops=[put])
+        read = h2.invoke(Op(f"{region}-read", region, "read", "w-a/f1"))
+        read.start, read.end = put.end + 1, put.end + 2
+        read.status, read.seen = OK, seen
+        v = check(h2, lin, {})
+        assert (v.reads_wrong == 1) == stale, (region, seen)
+
+
 def test_values_are_traceable() -> None:
     data = value("b17")
     assert op_id_of(data) == "b17"
