@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--json", action="store_true", help="one JSON object per scenario")
     run.add_argument("--list", action="store_true", help="list the scenarios and exit")
     run.add_argument("--workdir", type=Path, default=None, help="keep files here (default: temp)")
+    run.add_argument(
+        "--history", type=Path, default=None, metavar="DIR", help="write each history as JSON lines"
+    )
     args = p.parse_args(argv)
     if args.list:
         for name, s in SCENARIOS.items():
@@ -73,7 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         with Services(work / "services") as services:
             for name in names:
                 r = run_scenario(
-                    SCENARIOS[name], services, work, seconds=args.seconds, seed=args.seed
+                    SCENARIOS[name],
+                    services,
+                    work,
+                    seconds=args.seconds,
+                    seed=args.seed,
+                    history_dir=args.history,
                 )
                 results.append(r)
                 if args.json:

@@ -18,7 +18,9 @@ Each fault is a pair of functions (inject, heal) below.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
 import os
 import random
 import subprocess
@@ -349,6 +351,14 @@ SCENARIOS: dict[str, Scenario] = {
 # -- the runner ---------------------------------------------------------------------------
 
 
+def write_history(workload: Workload, path: Path) -> None:
+    """Write every operation of `workload` as one JSON object per line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for op in workload.history.ops:
+            f.write(json.dumps(dataclasses.asdict(op)) + "\n")
+
+
 def run_scenario(
     scenario: Scenario,
     services: Services,
@@ -357,8 +367,13 @@ def run_scenario(
     seconds: float = 9.0,
     seed: int | None = None,
     converge_timeout: float = CONVERGE_TIMEOUT,
+    history_dir: Path | None = None,
 ) -> Result:
-    """Run one scenario for about `seconds` of workload; return what the checker found."""
+    """Run one scenario for about `seconds` of workload; return what the checker found.
+
+    With `history_dir`, the history is written there as `<scenario>.jsonl`,
+    one operation per line, for a reader who wants to follow a finding.
+    """
     seed = seed if seed is not None else random.randrange(1 << 32)
     cluster = Cluster(
         workdir / scenario.name,
@@ -372,6 +387,7 @@ def run_scenario(
     notes: list[str] = []
     digests: dict[str, str] = {}
     convergence: float | None = None
+    workload: Workload | None = None
     t0 = time.monotonic()
     try:
         try:
@@ -404,6 +420,8 @@ def run_scenario(
             time.sleep(0.3)
         trees = {r: read_tree(cluster.path(r), list(REGIONS)) for r in REGIONS}
         verdict = check(workload.history, workload.lineage, trees)
+        if history_dir is not None:
+            write_history(workload, history_dir / f"{scenario.name}.jsonl")
         if stuck:
             verdict.problems.append(f"operations still stuck after heal: {', '.join(stuck)}")
         if convergence is None:
@@ -420,6 +438,8 @@ def run_scenario(
             verdict.problems.append(f"the regions' trees differ at {diff[:5]}")
     finally:
         t1 = time.monotonic()
+        if workload is not None:  # after an error: no operation may reach an unmounted path
+            workload.finish(timeout=30)
         cluster.stop()
         notes.append(f"tear-down {time.monotonic() - t1:.1f}s")
     return Result(scenario.name, scenario.journal, verdict, convergence, digests, seed, notes)
