@@ -25,7 +25,7 @@ from chaos.checker import check
 from chaos.harness import Services
 from chaos.history import FAIL, OK, UNKNOWN, History, Lineage, Op, op_id_of, value
 from chaos.proxy import DROP, REFUSE, TcpProxy
-from chaos.scenarios import SCENARIOS, run_scenario
+from chaos.scenarios import SCENARIOS, Context, Scenario, run_scenario
 from tests.harness.mount import fuse_available
 
 SECONDS = 4.0
@@ -63,6 +63,33 @@ def test_scenario_keeps_the_invariants(name: str, services: Services, tmp_path: 
     assert len(set(result.digests.values())) == 1, result.digests
     assert v.acknowledged > 0 and v.reads > 0, "the workload must have run"
     assert v.reads_wrong == 0 and v.lost == 0
+
+
+@pytest.mark.fuse
+@pytest.mark.s3
+def test_a_run_that_loses_or_invents_a_write_fails(services: Services, tmp_path: Path) -> None:
+    """The pipeline is not vacuous: files removed or added behind the workload's back fail it."""
+    if not fuse_available():
+        pytest.skip("no /dev/fuse or fusermount3")
+
+    def lose_a_write(ctx: Context) -> None:
+        history = ctx.workload.history
+        acked = [op for op in history.writes("a") if op.kind == "put" and op.status == OK]
+        assert acked, "the workload acknowledged nothing before the fault"
+        victim = acked[0].path
+        with contextlib.suppress(FileNotFoundError):  # a later rename may have moved it
+            os.unlink(ctx.cluster.path("b") / victim)
+        # And a value that no operation of the history wrote.
+        (ctx.cluster.path("b") / "w-a" / "phantom").write_bytes(value("z1"))
+
+    def nothing(ctx: Context) -> None:
+        pass
+
+    saboteur = Scenario("saboteur", "a write lost on purpose", lose_a_write, nothing, "sqlite")
+    result = run_scenario(saboteur, services, tmp_path, seconds=3)
+    assert not result.ok
+    assert any("phantom" in p for p in result.verdict.problems), result.verdict.problems
+    assert result.verdict.lost > 0
 
 
 # -- the checker itself: a history it must reject --------------------------------------
