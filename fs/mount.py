@@ -409,11 +409,14 @@ class Mount:
     # -- closing -------------------------------------------------------------
 
     def _status_fields(self) -> dict[str, Any]:
-        """The figures this region publishes for `tidefs status`."""
+        """The figures this region publishes for `tidefs status` and `tidefs verify`."""
+        from tidefs.replica.status import digest_fields
+
         assert self.replica is not None
         fields: dict[str, Any] = {
             "applied_offset": self.replica.applied,
             "apply_delay_p99_s": round(self.replica.delays.p99(), 6),
+            **digest_fields(self.replica.state),
         }
         if self.fetcher is not None:
             st = self.fetcher.stats()

@@ -1077,7 +1077,7 @@ def run_replicator(
     from tidefs.replica.replica import Replica, fold_range
     from tidefs.replica.snapshot import SnapshotError, bootstrap_state
     from tidefs.replica.state import StateError, StateLockedError
-    from tidefs.replica.status import StatusPublisher
+    from tidefs.replica.status import StatusPublisher, digest_fields
 
     stop = stop or threading.Event()
     state_path, progress_path = replicator_dirs(state_dir)
@@ -1135,6 +1135,7 @@ def run_replicator(
             lambda: {
                 "applied_offset": rep.applied,
                 "apply_delay_p99_s": round(rep.delays.p99(), 6),
+                **digest_fields(rep.state),
                 **repl.status_fields(),
             },
         ).start()

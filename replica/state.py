@@ -435,6 +435,22 @@ class State:
         """Return the digest as 64 hex digits."""
         return self.digest().hex()
 
+    def applied_and_digest(self) -> tuple[int, bytes]:
+        """Return (applied offset, digest) as one batch left them, from one RocksDB snapshot.
+
+        `apply` writes both in the same write batch, so a snapshot sees a
+        matching pair even while a fold runs on another thread; reading them
+        one after the other could pair an offset with the next batch's digest.
+        """
+        snap = self._db.snapshot()
+        try:
+            raw_applied = _snap_get(snap, K.META_APPLIED)
+            raw_digest = _snap_get(snap, K.META_DIGEST)
+        finally:
+            del snap
+        applied = -1 if raw_applied is None else K.decode_offset(raw_applied)
+        return applied, K.EMPTY_DIGEST if raw_digest is None else bytes(raw_digest)
+
     def recompute_digest(self) -> bytes:
         """Recompute the digest from every live key (slow; for verify and tests)."""
         return K.digest_of(self.dump())
@@ -570,6 +586,18 @@ def _items(db: Rdict, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, byte
             break
         yield key, value
     del ro
+
+
+def _snap_get(snap: Any, key: bytes) -> bytes | None:
+    """Return the value of `key` in a RocksDB snapshot, None when absent."""
+    try:
+        return cast(bytes, snap[key])
+    except KeyError:
+        return None
+    except Exception as exc:  # rocksdict raises a bare Exception for a missing key
+        if "not found" in str(exc):
+            return None
+        raise
 
 
 def _find_outcome(

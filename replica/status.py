@@ -11,6 +11,10 @@ commands, must not move the head they measure, and must not enter the fold.
 region, and computes lag against the metadata log's head as it is *now*: in
 records (head - 1 - applied) and in seconds (how long ago the oldest record
 that region has not applied was appended).
+
+Each report also carries the region's state digest with the offset it belongs
+to (`digest_fields`), so that `tidefs verify` can check every region against a
+replay of the log from the journal alone (`read_digests`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tidefs.journal.log import JournalError, Log, open_log
+
+if TYPE_CHECKING:
+    from tidefs.replica.state import State
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +140,52 @@ class StatusPublisher:
                 log.exception("status collection failed")
             if self._stop.wait(self.interval):
                 return
+
+
+DIGEST_RECORDS = 200_000
+"""How many recent reports `read_digests` scans for (offset, digest) pairs."""
+
+
+def digest_fields(state: State) -> dict[str, Any]:
+    """The fields of a report that let `tidefs verify` check this region from the journal.
+
+    `digest_offset` and `digest` come from one RocksDB snapshot of the state
+    (`State.applied_and_digest`): the digest is the state's at exactly that offset.
+    """
+    offset, digest = state.applied_and_digest()
+    return {"digest_offset": offset, "digest": digest.hex()}
+
+
+def read_digests(journal_url: str, volume: str) -> dict[str, list[tuple[int, str]]]:
+    """Return every region's reported (offset, digest) pairs, ascending by offset.
+
+    Reports from before regions published digests, and malformed ones, are
+    skipped; a pair reported several times is listed once. When one region
+    reported two different digests at one offset (a state rebuilt differently,
+    or a forged report), both are kept, in report order.
+    """
+    pairs: dict[str, dict[tuple[int, str], None]] = {}
+    with open_log(journal_url, status_volume(volume)) as slog:
+        head = slog.head()
+        offset = max(slog.start(), head - DIGEST_RECORDS)
+        while offset < head:
+            records = slog.read(offset, max_records=1000, timeout=1.0)
+            if not records:
+                break
+            for rec in records:
+                try:
+                    report = json.loads(rec.payload)
+                    region = str(report["region"])
+                    if "digest" not in report:
+                        continue
+                    pair = (int(report["digest_offset"]), str(report["digest"]))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("ignoring a malformed status report at offset %d", rec.offset)
+                    continue
+                if pair[0] >= 0:
+                    pairs.setdefault(region, {})[pair] = None
+            offset = records[-1].offset + 1
+    return {region: sorted(seen, key=lambda p: p[0]) for region, seen in sorted(pairs.items())}
 
 
 def read_status(
