@@ -410,10 +410,15 @@ def run_scenario(
         stuck = workload.finish(timeout=converge_timeout)
         notes.append(f"workload stopped after {time.monotonic() - healed:.1f}s")
         why = "not tried"
+        last_kind = ""
         deadline = time.monotonic() + converge_timeout
         while time.monotonic() < deadline:
             cluster.sync(timeout=10)
             done, why, digests = cluster.converged()
+            kind = why.split(":")[0].split(" ")[0]
+            if kind != last_kind:  # a trail of what convergence waited for, for diagnosis
+                notes.append(f"+{time.monotonic() - healed:.1f}s: {why[:200] or 'converged'}")
+                last_kind = kind
             if done:
                 convergence = time.monotonic() - healed
                 break
