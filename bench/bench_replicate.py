@@ -29,7 +29,9 @@ one-way delay between the regions. Region B reaches region A's store and
 the Kafka broker across the delayed link; A reaches them directly (the
 broker and A's store live in A). The link is a userspace forwarder that
 holds every byte for the delay in each direction (`DelayProxy` in
-tests/harness/netns.py): it models latency, not bandwidth or loss. The
+tests/harness/netns.py, run in a process of its own so that its threads do
+not compete with the measured replicas for the interpreter lock): it
+models latency, not bandwidth or loss. The
 report also says whether this kernel would allow a network namespace with
 netem (the tests' delayed link), and if not, its answer.
 A delay needs the Kafka journal (a SQLite file cannot be far away) and S3
@@ -121,37 +123,79 @@ class Links:
 
     Each `path(port)` returns a loopback port whose traffic reaches `port`
     after `delay_ms` in each direction. The method is a userspace forwarder
-    (`DelayProxy`); `netem` records whether this kernel would have allowed a
-    network namespace with netem instead, and if not, its answer.
+    (`DelayProxy`), run in a child process of its own: in this process its
+    threads would compete for the interpreter lock with the replicas being
+    measured, and so add their own delay to the figures. `netem` records
+    whether this kernel would have allowed a network namespace with netem
+    instead, and if not, its answer.
     """
 
     def __init__(self) -> None:
         _import_harness()
+        import subprocess
+
         from tests.harness.netns import DelayedNamespace, NetnsUnavailable
 
         self.delay_ms = 0.0
-        self._proxies: list[Any] = []
         try:
             DelayedNamespace(1).create().close()
             self.netem = "available"
         except NetnsUnavailable as exc:
             self.netem = f"refused: {exc}"
+        self._child = subprocess.Popen(
+            [sys.executable, "-c", "import bench.bench_replicate as b; b._proxy_child()"],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
-    def path(self, port: int) -> int:
-        from tests.harness.netns import DelayProxy
+    def _ask(self, line: str) -> str:
+        assert self._child.stdin is not None and self._child.stdout is not None
+        self._child.stdin.write(line + "\n")
+        self._child.stdin.flush()
+        answer = self._child.stdout.readline().strip()
+        if not answer:
+            raise RuntimeError(f"the delay proxy process exited (code {self._child.poll()})")
+        return answer
 
-        proxy = DelayProxy(("127.0.0.1", port), self.delay_ms)
-        self._proxies.append(proxy)
-        return int(proxy.port)
+    def path(self, port: int, listen_port: int = 0) -> int:
+        return int(self._ask(f"path {port} {listen_port}"))
 
     def set_delay(self, delay_ms: float) -> None:
         self.delay_ms = delay_ms
-        for proxy in self._proxies:
-            proxy.delay_ms = delay_ms
+        self._ask(f"delay {delay_ms}")
 
     def close(self) -> None:
-        for proxy in self._proxies:
-            proxy.close()
+        if self._child.stdin is not None:
+            self._child.stdin.close()  # end of input: the child closes its proxies and exits
+        try:
+            self._child.wait(10)
+        except Exception:
+            self._child.kill()
+            self._child.wait()
+
+
+def _proxy_child() -> None:
+    """The delay proxies' process: one command a line on stdin, one answer a line on stdout."""
+    _import_harness()
+    from tests.harness.netns import DelayProxy
+
+    proxies: list[Any] = []
+    delay = 0.0
+    for line in sys.stdin:
+        words = line.split()
+        if words[:1] == ["path"]:
+            proxy = DelayProxy(("127.0.0.1", int(words[1])), delay, port=int(words[2]))
+            proxies.append(proxy)
+            print(proxy.port, flush=True)
+        elif words[:1] == ["delay"]:
+            delay = float(words[1])
+            for proxy in proxies:
+                proxy.delay_ms = delay
+            print("ok", flush=True)
+    for proxy in proxies:
+        proxy.close()
 
 
 def _via(url: str, port: int | None, new_port: int) -> str:
@@ -395,7 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         journal = args.journal or f"sqlite://{tmp / 'log.db'}"
         report["journal"] = journal.split(":", 1)[0]
         links = Links()
-        report["link"] = {"method": "userspace delay proxy", "netem": links.netem}
+        report["link"] = {"method": "userspace delay proxy (own process)", "netem": links.netem}
         with store_servers(args.store, tmp) as servers, contextlib.ExitStack() as stack:
             stack.callback(links.close)
             urls_a = {r: url for r, (url, _port) in servers.items()}
@@ -406,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 urls_b["a"] = _via(url, port, links.path(port))
             broker = None
             lag_b = None
-            if args.lag_journal == "kafka":
+            if args.lag_journal == "kafka" and "lag" in args.figures:
                 import socket
 
                 with socket.socket() as probe:  # the proxy's port must exist before the broker
@@ -418,18 +462,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     report["lag_unavailable"] = f"no Kafka broker: {exc}"
                 else:
                     stack.callback(broker.stop)
-                    from tests.harness.netns import DelayProxy
-
                     assert broker.proxied_listen_port is not None
-                    forward = DelayProxy(
-                        ("127.0.0.1", broker.proxied_listen_port), 0, port=reserved
-                    )
-                    links._proxies.append(forward)
+                    links.path(broker.proxied_listen_port, reserved)
                     lag_b = f"kafka://127.0.0.1:{reserved}"
             for delay in delays:
                 links.set_delay(delay)
                 row: dict[str, Any] = {}
-                if broker is not None and lag_b is not None:
+                if "lag" not in args.figures:
+                    pass
+                elif broker is not None and lag_b is not None:
                     row["metadata_lag"] = metadata_lag(
                         broker.url, lag_b, tmp, rate=args.rate, seconds=args.seconds
                     )
@@ -437,7 +478,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["metadata_lag"] = metadata_lag(
                         journal, journal, tmp, rate=args.rate, seconds=args.seconds
                     )
-                if delay == 0 or args.store == "s3":
+                if "blocks" in args.figures and (delay == 0 or args.store == "s3"):
                     row.update(blocks(args, urls_a, urls_b, journal, tmp))
                 report["delays"][f"{delay:g}"] = row
     return report
@@ -491,6 +532,12 @@ def main(argv: list[str] | None = None) -> int:
         help="log of the metadata lag figure (delays need kafka)",
     )
     parser.add_argument("--delay-ms", default="0,10,30", help="one-way delays, comma-separated")
+    parser.add_argument(
+        "--figures",
+        type=lambda text: {f.strip() for f in text.split(",") if f.strip()},
+        default={"lag", "blocks"},
+        help="which figures to measure: lag, blocks, or both (default: lag,blocks)",
+    )
     parser.add_argument("--rate", type=float, default=50.0, help="creates per second at A")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the create load")
     parser.add_argument("--samples", type=int, default=10, help="replication latency samples")

@@ -158,6 +158,10 @@ class KafkaLog(Log):
             "logger": log,
             # Brokers close idle connections; that is routine, not worth a log line.
             "log.connection.close": False,
+            # Every request is small and waits for its answer: Nagle would hold
+            # a produce or fetch request back until the previous segment's ACK,
+            # which the peer may delay (tens of ms per record in the tail).
+            "socket.nagle.disable": True,
             **(client_config or {}),
         }
 

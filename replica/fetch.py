@@ -12,7 +12,10 @@ replicator, so that both apply the same rules:
    order (a third region may hold a copy when the home is down or damaged).
    A read served by any region but the local one is a *fallback read*; they
    are counted, because a mirror that keeps falling back is one whose
-   replicator is behind, and that costs latency and egress.
+   replicator is behind, and that costs latency and egress. After a few
+   local misses in a row (`HEDGE_AFTER_MISSES`) a read asks the local store
+   and the others at once, so that a cold mirror does not pay a local round
+   trip before every fallback; the first local hit ends that mode.
 
 2. Verification. Blocks are immutable and sealed with a CRC
    (`tidefs.replica.blocks`), so any verified copy is as good as the
@@ -91,6 +94,16 @@ MAX_PENDING_WRITE_BACKS = 64
 
 A write-back only saves a later fallback read (the replicator copies the
 block anyway), so under pressure it is shed rather than queued without end.
+"""
+
+
+HEDGE_AFTER_MISSES = 2
+"""Local misses in a row after which `get` asks the local store and the others at once.
+
+A mirror whose replicator is behind misses locally read after read; then
+each read pays a local round trip before the fallback. Asking both at once
+hides that, at the price of one wasted remote read when the local copy has
+appeared meanwhile (the first local hit ends the streak).
 """
 
 
@@ -179,6 +192,8 @@ class BlockFetcher:
         self._down_reason: dict[str, str] = {}
         self._writing: set[str] = set()
         self._writer: ThreadPoolExecutor | None = None
+        self._hedger: ThreadPoolExecutor | None = None
+        self._local_misses = 0
         self._closed = False
         self._local_reads = 0
         self._fallback_reads = 0
@@ -219,14 +234,22 @@ class BlockFetcher:
         (see the module doc), and ValueError for an index outside the slice.
         """
         key = self._key(ref, index)
-        fetched = self._fetch(key, ref, self._order(ref.home, include_local=True))
+        order = self._order(ref.home, include_local=True)
+        with self._lock:
+            hedge = self._local_misses >= HEDGE_AFTER_MISSES
+        if hedge and len(order) > 1:
+            fetched = self._fetch_hedged(key, ref, order)
+        else:
+            fetched = self._fetch(key, ref, order)
         size = len(fetched.payload)
         with self._lock:
             if fetched.region == self.local_region:
                 self._local_reads += 1
+                self._local_misses = 0
             else:
                 self._fallback_reads += 1
                 self._fallback_bytes += size
+                self._local_misses += 1
         if fetched.region != self.local_region and self.write_back:
             self._write_back(key, fetched.payload)
         return fetched.payload
@@ -315,6 +338,35 @@ class BlockFetcher:
             log.error("%s: no region holds a verifiable copy (%s)", where, detail)
             raise CorruptBlockError(key, f"no region holds a verifiable copy ({detail})")
         raise BlockNotInAnyRegion(key, detail)
+
+    def _fetch_hedged(self, key: str, ref: SliceRef, order: list[str]) -> Fetched:
+        """Ask the local store and, at the same time, the other regions (see `get`).
+
+        The local answer wins when it has the block (the remote read, already
+        under way, is discarded). Otherwise the remote read has been running
+        since the start, so the local miss costs no extra round trip. When both
+        fail, the plain sequential search runs once more, for its exact error.
+        """
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the block fetcher is closed")
+            if self._hedger is None:
+                self._hedger = ThreadPoolExecutor(
+                    self.io_threads, thread_name_prefix="tidefs-hedge"
+                )
+            hedger = self._hedger
+        remote = hedger.submit(self._fetch, key, ref, order[1:])
+        try:
+            return self._fetch(key, ref, order[:1])
+        except StoreError:
+            pass
+        try:
+            # Every store call in there is bounded by `timeout`; this only adds slack.
+            return remote.result(self.timeout * len(order) + 1)
+        except (StoreError, FutureTimeout):
+            return self._fetch(key, ref, order)
+        finally:
+            del remote  # see `call`: a held exception would keep payloads alive
 
     def _key(self, ref: SliceRef, index: int) -> str:
         if not 0 <= index < blocks_needed(ref):
@@ -453,8 +505,11 @@ class BlockFetcher:
             pools = list(self._pools.values())
             self._pools.clear()
             writer, self._writer = self._writer, None
+            hedger, self._hedger = self._hedger, None
         for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)
+        if hedger is not None:
+            hedger.shutdown(wait=False, cancel_futures=True)
         if writer is not None:
             writer.shutdown(wait=False)
 
