@@ -323,7 +323,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     dirs = _state_dirs(args.state_dir)
     if not dirs:
-        raise _error("name at least one region's state with --state-dir NAME=DIR")
+        return _verify_from_status(args)
     if REFERENCE in dirs:
         raise _error(
             f"{REFERENCE!r} is the name of the log's own replay; name the region otherwise"
@@ -377,6 +377,79 @@ def cmd_verify(args: argparse.Namespace) -> int:
             lines.append(f"  {d.what} [{d.key}]")
             for region, value in d.values.items():
                 lines.append(f"    {region:<10} {'(absent)' if value is None else value}")
+    _emit(args, result.as_dict(), lines)
+    return 0 if result.equal else 1
+
+
+def _verify_from_status(args: argparse.Namespace) -> int:
+    """`tidefs verify` without `--state-dir`: every region's published digests against a replay."""
+    from pathlib import Path
+
+    from tidefs.replica.snapshot import rebuild_state
+    from tidefs.replica.state import State
+    from tidefs.replica.status import read_digests
+    from tidefs.replica.verify import DIVERGED, OK, verify_reports
+
+    if args.offset is not None or args.deep:
+        raise _error("--offset and --deep need the regions' states: name them with --state-dir")
+    reports = read_digests(args.journal, args.volume)
+    if not reports:
+        raise _error(
+            f"no region of {args.volume} has published a digest to its status log yet "
+            "(mounts and `tidefs replicate` publish every few seconds); "
+            "or name the regions' states with --state-dir NAME=DIR"
+        )
+    bars = Bars(args.quiet)
+    with (
+        _volume(args) as (lg, _info, stores),
+        tempfile.TemporaryDirectory(prefix="tidefs-verify-", dir=args.work_dir) as work,
+    ):
+
+        def replay(offset: int) -> State:
+            return rebuild_state(
+                lg,
+                Path(work) / "replay",
+                stores=stores,
+                volume=args.volume,
+                to_offset=offset,
+                progress=bars,
+            )
+
+        result = verify_reports(reports, lg, replay, progress=bars)
+    bars.finish()
+    lines: list[str] = []
+    for r in result.regions:
+        if r.status == OK:
+            lines.append(
+                f"{r.region:<12} ok       at offset {r.offset:>10} digest {r.digest} "
+                f"({r.checked} report(s) checked)"
+            )
+        elif r.status == DIVERGED:
+            since = (
+                f"after offset {r.last_good}, " if r.last_good is not None else "no report agreed; "
+            )
+            lines.append(
+                f"{r.region:<12} DIVERGED at offset {r.offset:>10} digest {r.digest}, "
+                f"the log's replay has {r.replay_digest}; {since}first wrong at offset {r.first_bad}"
+            )
+            lines.append(
+                f"{'':<12} for the first differing keys, run on {r.region}'s machine: tidefs verify "
+                f"{args.volume} --journal URL --state-dir {r.region}=DIR --replay "
+                f"(or verify a `tidefs snapshot` of {r.region} the same way)"
+            )
+        else:
+            lines.append(f"{r.region:<12} not checked: {r.detail}")
+        if r.earlier_mismatches:
+            lines.append(
+                f"{'':<12} earlier reports disagreed at offset(s) "
+                + ", ".join(str(o) for o in r.earlier_mismatches)
+            )
+    diverged = [r.region for r in result.regions if r.status == DIVERGED]
+    if diverged:
+        lines.append(f"DIVERGENCE: {', '.join(diverged)} disagree with the log's replay")
+    else:
+        checked = sum(r.status == OK for r in result.regions)
+        lines.append(f"{checked} region(s) agree with the log's replay")
     _emit(args, result.as_dict(), lines)
     return 0 if result.equal else 1
 
@@ -659,7 +732,8 @@ def register(
 
     sp = sub.add_parser(
         "verify",
-        help="compare the digests of regions' states at one offset (exit 1 when they diverge)",
+        help="compare the digests of all regions with a replay of the log (exit 1 when they "
+        "diverge): from their status reports, or from their states with --state-dir",
     )
     sp.add_argument("volume")
     common(sp)
@@ -668,7 +742,8 @@ def register(
         action="append",
         type=_named_dir,
         metavar="NAME=DIR",
-        help="a region's state directory (repeatable; read without its lock)",
+        help="a region's state directory (repeatable; read without its lock); without it, "
+        "the regions' digests published in the status log are checked",
     )
     sp.add_argument("--replay", action="store_true", help="also compare with a replay of the log")
     sp.add_argument(

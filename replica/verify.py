@@ -18,6 +18,15 @@ The states compared are copies (`snapshot.copy_state`): a region's own
 directory is never written, and a running mount keeps its lock. A replay of
 the log itself can join the comparison as a reference region named "log".
 
+From the journal alone. Regions far apart have no shared disk, so each one
+publishes its digest with the offset it belongs to in every status report
+(`status.digest_fields`). `verify_reports` replays the log once into a private
+state, from the newest snapshot at or below the lowest reported offset, and
+stops at every reported offset to compare: a region whose newest report
+disagrees has diverged, and its older reports bracket when (the newest that
+agreed, the oldest that did not). The differing keys need the region's state,
+which only its machine has: there, `--state-dir` names it.
+
 fsck. Metadata that agrees is not enough: every block that a live slice
 shows must exist in the stores with the bytes it was sealed with. fsck walks
 every live slice of a state at the head, derives the blocks each one needs
@@ -173,6 +182,179 @@ def compare_states(
     if not result.equal:
         result.diffs = _diffs(states, result.regions, max_diffs)
     return result
+
+
+# -- verify from the journal alone ------------------------------------------------
+
+MAX_REPORTS = 64
+"""How many of a region's newest reported (offset, digest) pairs a journal verify checks."""
+
+OK = "ok"
+DIVERGED = "diverged"
+UNCHECKED = "unchecked"
+
+
+@dataclass
+class ReportedRegion:
+    """One region's reported digests checked against a replay of the log.
+
+    `status` is DIVERGED when the region's newest checked report disagrees
+    with the replay: `first_bad` is then the oldest disagreeing report after
+    `last_good`, the newest agreeing one (None: no older report agreed), so
+    the damage happened in (last_good, first_bad]. Older disagreements that a
+    later agreeing report followed (a state since rebuilt) are listed in
+    `earlier_mismatches` without making the region diverged. UNCHECKED: none
+    of its reports could be reached by the replay (`detail` says why).
+    """
+
+    region: str
+    offset: int
+    digest: str
+    replay_digest: str | None = None
+    status: str = UNCHECKED
+    checked: int = 0
+    last_good: int | None = None
+    first_bad: int | None = None
+    earlier_mismatches: list[int] = field(default_factory=list)
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "region": self.region,
+            "offset": self.offset,
+            "digest": self.digest,
+            "replay_digest": self.replay_digest,
+            "status": self.status,
+            "checked": self.checked,
+            "last_good": self.last_good,
+            "first_bad": self.first_bad,
+            "earlier_mismatches": self.earlier_mismatches,
+            "detail": self.detail,
+        }
+
+
+@dataclass
+class JournalVerifyResult:
+    """The outcome of a verify from the status log: equal when no region diverged."""
+
+    replay_start: int
+    regions: list[ReportedRegion]
+
+    @property
+    def equal(self) -> bool:
+        """Whether no region's newest checked report disagrees with the replay."""
+        return all(r.status != DIVERGED for r in self.regions)
+
+    @property
+    def offset(self) -> int:
+        """The highest offset at which some region was compared (-1: none)."""
+        return max((r.offset for r in self.regions if r.status != UNCHECKED), default=-1)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON shape of `tidefs verify --json` without `--state-dir`."""
+        return {
+            "equal": self.equal,
+            "source": "status",
+            "offset": self.offset,
+            "replay_start": self.replay_start,
+            "regions": [r.as_dict() for r in self.regions],
+        }
+
+
+def reported_offsets(
+    reports: Mapping[str, list[tuple[int, str]]], *, log_start: int, limit: int = MAX_REPORTS
+) -> dict[str, list[tuple[int, str]]]:
+    """Keep each region's newest `limit` pairs that a replay of a log starting at `log_start` reaches.
+
+    A fold from offset o needs the records after o, so a pair below
+    `log_start - 1` cannot be replayed (a snapshot exactly there aside, which
+    is not worth a search).
+    """
+    floor = log_start - 1 if log_start > 0 else -1
+    return {
+        region: [p for p in pairs if p[0] >= floor][-limit:] for region, pairs in reports.items()
+    }
+
+
+def verify_reports(
+    reports: Mapping[str, list[tuple[int, str]]],
+    log_: Log,
+    replay: Callable[[int], State],
+    *,
+    progress: Report | None = None,
+) -> JournalVerifyResult:
+    """Check every region's reported (offset, digest) pairs against one replay of the log.
+
+    `reports` maps each region to its pairs in ascending offset order (as
+    `status.read_digests` returns them). `replay(offset)` returns a private,
+    writable State folded to `offset` (from the newest snapshot at or below it);
+    it is called once, with the lowest reported offset that the log still
+    holds, and the state is then folded forward once, stopping at each
+    reported offset to read the digest. Raises VerifyError when no region
+    reported a digest.
+    """
+    if not any(reports.values()):
+        raise VerifyError("no region has published a digest to the status log")
+    kept = reported_offsets(reports, log_start=log_.start())
+    out: dict[str, ReportedRegion] = {}
+    for region, pairs in sorted(reports.items()):
+        if not pairs:
+            continue
+        newest = pairs[-1]
+        out[region] = ReportedRegion(region, newest[0], newest[1])
+        if not kept.get(region):
+            out[
+                region
+            ].detail = f"its reports (newest at offset {newest[0]}) are older than the log's start"
+    offsets = sorted({o for pairs in kept.values() for o, _d in pairs})
+    replayed: dict[int, str | None] = {}
+    start = -1
+    if offsets:
+        state = replay(offsets[0])
+        try:
+            start = state.applied_offset()
+            goal = offsets[-1]
+            for o in offsets:
+                if o < start:
+                    continue
+
+                def report(now: int, _t: int, base: int = start, goal: int = goal) -> None:
+                    if progress is not None:
+                        progress("records folded", now - base, goal - base)
+
+                fold_range(log_, state, to_offset=o, progress=report)
+                applied, digest = state.applied_and_digest()
+                replayed[o] = digest.hex() if applied == o else None
+        finally:
+            state.close()
+    for region, pairs in kept.items():
+        r = out[region]
+        checked = [(o, d) for o, d in pairs if o in replayed]
+        if not checked:
+            if pairs:
+                r.detail = "the replay could not reach its reports"
+            continue
+        r.checked = len(checked)
+        newest_o, newest_d = checked[-1]
+        r.offset, r.digest, r.replay_digest = newest_o, newest_d, replayed[newest_o]
+        agrees = [replayed[o] == d for o, d in checked]
+        if agrees[-1]:
+            r.status = OK
+            r.earlier_mismatches = [o for (o, _d), a in zip(checked, agrees, strict=True) if not a]
+            continue
+        r.status = DIVERGED
+        good = [i for i, a in enumerate(agrees) if a]
+        first_bad_i = good[-1] + 1 if good else 0
+        r.last_good = checked[good[-1]][0] if good else None
+        r.first_bad = checked[first_bad_i][0]
+        r.earlier_mismatches = [
+            o
+            for (o, _d), a in zip(checked[:first_bad_i], agrees[:first_bad_i], strict=True)
+            if not a
+        ]
+        if replayed[newest_o] is None:
+            r.detail = f"it reported offset {newest_o}, past the log's head"
+    return JournalVerifyResult(start, list(out.values()))
 
 
 def _diffs(states: Mapping[str, State], digests: list[RegionDigest], limit: int) -> list[KeyDiff]:

@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tidefs.journal.commands import ROOT_INODE, CreateVolume, Mkdir, Region
 from tidefs.journal.log import open_log
-from tidefs.replica.replica import Replica
+from tidefs.replica.replica import Replica, fold_range
 from tidefs.replica.state import State
-from tidefs.replica.status import StatusPublisher, read_status
+from tidefs.replica.status import (
+    StatusPublisher,
+    digest_fields,
+    read_digests,
+    read_status,
+    status_volume,
+)
 
 REGIONS = (Region("a", "file:///unused-a"), Region("b", "file:///unused-b"))
+
+
+def _collect(rep: Replica) -> Callable[[], dict[str, Any]]:
+    return lambda: {"applied_offset": rep.applied, "backlog_blocks": 3}
 
 
 def test_lag_rises_while_a_region_is_paused_and_falls_after(
@@ -28,7 +41,7 @@ def test_lag_rises_while_a_region_is_paused_and_falls_after(
             journal_url,
             journal_volume,
             name,
-            lambda r=rep: {"applied_offset": r.applied, "backlog_blocks": 3},
+            _collect(rep),
             interval=3600,  # published explicitly below
         )
         for name, rep in reps.items()
@@ -107,3 +120,55 @@ def test_a_replicate_only_region_publishes_its_status(tmp_path: Path) -> None:
         cli("gc", "vol", "--journal", journal, "--json", "--state-dir", f"a={tmp_path / 'a'}")
     )
     assert gc["blocked"] is None and gc["applied"] == {"a": 0, "b": 0}
+
+
+def test_published_digests_match_a_replay_even_while_the_fold_runs(
+    journal_url: str, journal_volume: str, tmp_path: Path
+) -> None:
+    """Each report's digest is the state's at exactly its offset, however the fold interleaves.
+
+    `tidefs verify` compares a region's reported digest with a replay's at the
+    reported offset: a pair torn between two batches would be a false alarm.
+    """
+    rep = Replica(open_log(journal_url, journal_volume), State.open(tmp_path / "a"), "a")
+    pub = StatusPublisher(
+        journal_url, journal_volume, "a", lambda: digest_fields(rep.state), interval=3600
+    )
+    rep.start()
+    done = threading.Event()
+
+    def write() -> None:
+        try:
+            rep.submit(CreateVolume(name=journal_volume, regions=REGIONS, primary="a"))
+            for i in range(150):
+                rep.submit(Mkdir(ROOT_INODE, b"d%d" % i, 0o40755, 0, 0))
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write)
+    try:
+        writer.start()
+        for _ in range(2000):  # bounded: the writer ends long before
+            pub.publish()
+            if done.is_set():
+                break
+        writer.join(timeout=120)
+        assert done.is_set()
+        rep.barrier(timeout=30)
+        pub.publish()
+        with open_log(journal_url, status_volume(journal_volume)) as slog:
+            slog.append(json.dumps({"region": "old", "applied_offset": 3}).encode())
+    finally:
+        pub.stop()
+        rep.stop()
+        rep.state.close()
+        rep.log.close()
+
+    reports = read_digests(journal_url, journal_volume)
+    assert set(reports) == {"a"}  # a report without a digest is not a digest
+    pairs = reports["a"]
+    assert pairs == sorted(set(pairs)) and pairs[-1][0] == 150
+    with open_log(journal_url, journal_volume) as lg, State.open(tmp_path / "replay") as replay:
+        for offset, digest in pairs:
+            assert fold_range(lg, replay, to_offset=offset) == offset
+            assert replay.applied_and_digest() == (offset, bytes.fromhex(digest))

@@ -216,9 +216,77 @@ def test_verify_usage_errors(flag: str, tmp_path: Path) -> None:
         churn(vol, 3, seed=1)
         vol.sync()
         args = ["verify", "vol", "--journal", vol.journal_url, "-q"]
+        # Without --state-dir, no region has published a digest here: one line, exit 1.
         if flag == "--offset":  # a region already past the offset cannot be compared there
             args += ["--state-dir", f"a={vol.state_dir('a')}", "--offset", "1"]
         out = run_cli(*args, check=False)
         assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    finally:
+        vol.close()
+
+
+def replicate(vol: OpsVolume, region: str) -> None:
+    """Run region's real `tidefs replicate --once`: it folds to the head and publishes its status."""
+    run_cli(
+        "replicate", vol.name, "--journal", vol.journal_url, "--region", region,
+        "--state-dir", str(vol.tmp / f"replicator-{region}"), "--once", "--timeout", "60",
+    )  # fmt: skip
+
+
+def test_verify_from_the_status_log_alone(tmp_path: Path) -> None:
+    """Two regions publish their digests; verify checks them with no state directory at hand.
+
+    Region b's state is then damaged on its disk behind the fold's back; the
+    next records its fold applies carry the damage into its digest, which it
+    publishes, and verify names b, the offset, and the last offset b agreed at.
+    """
+    urls = {"a": (tmp_path / "sa").as_uri(), "b": (tmp_path / "sb").as_uri()}
+    vol = OpsVolume.create(f"sqlite://{tmp_path / 'log.db'}", "vol", tmp_path, urls)
+    try:
+        out = run_cli("verify", "vol", "--journal", vol.journal_url, "-q", check=False)
+        assert out.returncode == 1 and "no region of vol has published" in out.stderr
+
+        churn(vol, 10, seed=1)
+        replicate(vol, "b")
+        b_offset = vol.sync()
+        churn(vol, 6, seed=2)
+        replicate(vol, "a")
+        head = vol.sync()
+        assert b_offset < head
+
+        code, result = verify(vol)
+        assert code == 0 and result["equal"] is True and result["source"] == "status"
+        regions = {r["region"]: r for r in result["regions"]}
+        assert {n: (r["status"], r["offset"]) for n, r in regions.items()} == {
+            "a": ("ok", head),
+            "b": ("ok", b_offset),
+        }
+        assert regions["a"]["digest"] == vol.state().digest_hex()
+        assert result["offset"] == head
+
+        # Damage b's own state while its replicator is stopped: root's owner changes.
+        db = Rdict(str(vol.tmp / "replicator-b" / "state"), Options(raw_mode=True))
+        key = K.inode_key(ROOT_INODE)
+        raw = db[key]
+        assert isinstance(raw, bytes)
+        db[key] = K.encode_attr(_chown(K.decode_attr(ROOT_INODE, raw)))
+        db.close()
+        churn(vol, 3, seed=3)  # its first record changes the root directory
+        replicate(vol, "b")
+        replicate(vol, "a")
+        head = vol.sync()
+
+        code, result = verify(vol)
+        assert code == 1 and result["equal"] is False
+        regions = {r["region"]: r for r in result["regions"]}
+        assert regions["a"]["status"] == "ok" and regions["a"]["offset"] == head
+        b = regions["b"]
+        assert b["status"] == "diverged" and b["offset"] == head
+        assert b["replay_digest"] == vol.state().digest_hex() != b["digest"]
+        assert (b["last_good"], b["first_bad"]) == (b_offset, head)
+
+        text = run_cli("verify", "vol", "--journal", vol.journal_url, "-q", check=False)
+        assert text.returncode == 1 and "DIVERGENCE: b" in text.stdout
+        assert "--state-dir b=DIR" in text.stdout  # how to get the differing keys
     finally:
         vol.close()
