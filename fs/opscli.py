@@ -435,7 +435,7 @@ def _verify_from_status(args: argparse.Namespace) -> int:
             lines.append(
                 f"{'':<12} for the first differing keys, run on {r.region}'s machine: tidefs verify "
                 f"{args.volume} --journal URL --state-dir {r.region}=DIR --replay "
-                f"(or verify a `tidefs snapshot` of {r.region} the same way)"
+                "(or on a copy of its state directory)"
             )
         else:
             lines.append(f"{r.region:<12} not checked: {r.detail}")
@@ -446,7 +446,8 @@ def _verify_from_status(args: argparse.Namespace) -> int:
             )
     diverged = [r.region for r in result.regions if r.status == DIVERGED]
     if diverged:
-        lines.append(f"DIVERGENCE: {', '.join(diverged)} disagree with the log's replay")
+        verb = "differs" if len(diverged) == 1 else "differ"
+        lines.append(f"DIVERGENCE: {', '.join(diverged)} {verb} from the log's replay")
     else:
         checked = sum(r.status == OK for r in result.regions)
         lines.append(f"{checked} region(s) agree with the log's replay")

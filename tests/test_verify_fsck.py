@@ -288,5 +288,8 @@ def test_verify_from_the_status_log_alone(tmp_path: Path) -> None:
         text = run_cli("verify", "vol", "--journal", vol.journal_url, "-q", check=False)
         assert text.returncode == 1 and "DIVERGENCE: b" in text.stdout
         assert "--state-dir b=DIR" in text.stdout  # how to get the differing keys
+        b_state = vol.tmp / "replicator-b" / "state"
+        code, result = verify(vol, "--state-dir", f"b={b_state}", "--replay")
+        assert code == 1 and "attributes of inode 1" in [d["what"] for d in result["diffs"]]
     finally:
         vol.close()
