@@ -7,6 +7,7 @@ open for writing (as a mount would), on real logs and real stores.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from rocksdict import Options, Rdict
 
+from tests.harness.mount import MountFactory
 from tests.test_snapshot import (  # noqa: F401 - ops_volume is a fixture
     BS,
     OpsVolume,
@@ -24,11 +26,13 @@ from tests.test_snapshot import (  # noqa: F401 - ops_volume is a fixture
     run_cli,
 )
 from tidefs.journal.commands import ROOT_INODE, SetAttr
+from tidefs.journal.log import open_log
 from tidefs.replica import keys as K
 from tidefs.replica.blocks import block_key
 from tidefs.replica.replica import fold_range
 from tidefs.replica.snapshot import copy_state
 from tidefs.replica.state import State
+from tidefs.replica.status import read_digests
 
 
 def verify(vol: OpsVolume, *args: str) -> tuple[int, dict[str, Any]]:
@@ -293,3 +297,38 @@ def test_verify_from_the_status_log_alone(tmp_path: Path) -> None:
         assert code == 1 and "attributes of inode 1" in [d["what"] for d in result["diffs"]]
     finally:
         vol.close()
+
+
+@pytest.mark.fuse
+def test_verify_checks_live_mounts_from_their_status_reports(
+    mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    """Two mounted regions publish digests while they serve; verify checks both from the journal."""
+    stores = [(name, (tmp_path / f"store-{name}").as_uri()) for name in ("a", "b")]
+    a = mount_factory(regions=stores, region="a")
+    b = mount_factory(volume=a.volume, journal_url=a.journal_url, region="b")
+    (a.path / "from-a").mkdir()
+    (a.path / "from-a" / "x.txt").write_text("a")
+    (b.path / "from-b.txt").write_text("b")
+    for m in (a, b):
+        run_cli("sync", str(m.path))
+    with open_log(a.journal_url, a.volume) as lg:
+        head = lg.head() - 1
+
+    def published() -> bool:
+        reports = read_digests(a.journal_url, a.volume)
+        return all(reports.get(r, [(-1, "")])[-1][0] >= head for r in ("a", "b"))
+
+    for _ in range(300):  # mounts publish every few seconds; bounded wait
+        if published():
+            break
+        time.sleep(0.2)
+    assert published(), "the mounts did not publish their digests"
+
+    out = run_cli("verify", a.volume, "--journal", a.journal_url, "--json", "-q")
+    code, result = out.returncode, json.loads(out.stdout)
+    assert code == 0 and result["equal"] is True
+    assert {r["region"]: (r["status"], r["offset"]) for r in result["regions"]} == {
+        "a": ("ok", head),
+        "b": ("ok", head),
+    }
