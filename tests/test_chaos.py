@@ -48,6 +48,7 @@ def _param(name: str) -> object:
     return pytest.param(name, id=name, marks=marks)
 
 
+@pytest.mark.timeout(600)  # a loaded 2-core machine: set-up, fault, heal and convergence
 @pytest.mark.parametrize("name", [_param(n) for n in SCENARIOS])
 def test_scenario_keeps_the_invariants(name: str, services: Services, tmp_path: Path) -> None:
     if not fuse_available():
