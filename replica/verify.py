@@ -190,8 +190,11 @@ MAX_REPORTS = 64
 """How many of a region's newest reported (offset, digest) pairs a journal verify checks."""
 
 OK = "ok"
+"""The region's newest checked report agrees with the replay."""
 DIVERGED = "diverged"
+"""The region's newest checked report disagrees with the replay (or names an offset past the head)."""
 UNCHECKED = "unchecked"
+"""None of the region's reports could be compared (older than the log's start)."""
 
 
 @dataclass
@@ -219,6 +222,7 @@ class ReportedRegion:
     detail: str = ""
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON shape of one region in `tidefs verify --json` without `--state-dir`."""
         return {
             "region": self.region,
             "offset": self.offset,

@@ -32,7 +32,7 @@ from tidefs.replica.blocks import block_key
 from tidefs.replica.replica import fold_range
 from tidefs.replica.snapshot import copy_state
 from tidefs.replica.state import State
-from tidefs.replica.status import read_digests
+from tidefs.replica.status import StatusPublisher, read_digests
 
 
 def verify(vol: OpsVolume, *args: str) -> tuple[int, dict[str, Any]]:
@@ -267,6 +267,16 @@ def test_verify_from_the_status_log_alone(tmp_path: Path) -> None:
         }
         assert regions["a"]["digest"] == vol.state().digest_hex()
         assert result["offset"] == head
+
+        # An older wrong report (a state since rebuilt) is listed, not a divergence.
+        forged = {"applied_offset": 5, "digest_offset": 5, "digest": "00" * 32}
+        pub = StatusPublisher(vol.journal_url, "vol", "a", lambda: forged)
+        pub.publish()
+        pub.stop()
+        code, result = verify(vol)
+        regions = {r["region"]: r for r in result["regions"]}
+        assert code == 0 and regions["a"]["status"] == "ok"
+        assert regions["a"]["earlier_mismatches"] == [5] and regions["a"]["offset"] == head
 
         # Damage b's own state while its replicator is stopped: root's owner changes.
         db = Rdict(str(vol.tmp / "replicator-b" / "state"), Options(raw_mode=True))
