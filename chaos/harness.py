@@ -91,7 +91,12 @@ class Services:
                 raise Unavailable(str(exc)) from exc
             proxy = TcpProxy(target_port=0)
             broker = KafkaBroker(
-                libs, self.workdir / "kafka", java=java, proxied_port=proxy.port, heap="384m"
+                libs,
+                self.workdir / "kafka",
+                java=java,
+                proxied_port=proxy.port,
+                heap="384m",
+                ready_timeout=180.0,  # a restart on a loaded 2-core machine can take minutes
             )
             assert broker.proxied_listen_port is not None
             proxy.target = ("127.0.0.1", broker.proxied_listen_port)
