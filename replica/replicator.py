@@ -110,8 +110,10 @@ DEFAULT_CONCURRENCY = 8
 DEFAULT_RETRY_BASE_S = 0.2
 """First retry delay of a failed copy; it doubles on every further failure."""
 
-DEFAULT_RETRY_MAX_S = 30.0
-"""Longest delay between two tries of one block."""
+DEFAULT_RETRY_MAX_S = 8.0
+"""Longest delay between two tries of one block: after a store outage heals, the
+backlog is copied within this much time, while a store that stays down costs one
+try per block this often."""
 
 STATE_POLL_S = 0.002
 """How often the replicator looks again when its next block waits for the fold."""
