@@ -353,7 +353,9 @@ class KafkaLog(Log):
                 # Not shorter: after each idle answer the next fetch spends a round
                 # trip on the way, and a record landing meanwhile waits for it.
                 # Measured across a 30 ms link at 5 records/s: 100 ms made the
-                # median fetch-and-fold 88 ms, 500 ms 38 ms.
+                # median fetch-and-fold 88 ms, 500 ms 38 ms. The price: a pooled
+                # reader moved to another offset may wait up to this long for its
+                # parked fetch to come back (followers never move).
                 "fetch.wait.max.ms": 500,
                 "fetch.error.backoff.ms": 20,
             },
