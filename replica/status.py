@@ -23,7 +23,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +156,30 @@ def digest_fields(state: State) -> dict[str, Any]:
     return {"digest_offset": offset, "digest": digest.hex()}
 
 
+def _reports(journal_url: str, volume: str, tail: int) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (offset, report) for the newest `tail` records of the status log, oldest first.
+
+    A record that is not a JSON object naming its region is logged and skipped.
+    """
+    with open_log(journal_url, status_volume(volume)) as slog:
+        head = slog.head()
+        offset = max(slog.start(), head - tail)
+        while offset < head:
+            records = slog.read(offset, max_records=1000, timeout=1.0)
+            if not records:
+                break
+            for rec in records:
+                try:
+                    report = json.loads(rec.payload)
+                    if not isinstance(report, dict) or not isinstance(report.get("region"), str):
+                        raise ValueError("no region")
+                except ValueError:
+                    log.warning("ignoring a malformed status report at offset %d", rec.offset)
+                    continue
+                yield rec.offset, report
+            offset = records[-1].offset + 1
+
+
 def read_digests(journal_url: str, volume: str) -> dict[str, list[tuple[int, str]]]:
     """Return every region's reported (offset, digest) pairs, ascending by offset.
 
@@ -165,26 +189,16 @@ def read_digests(journal_url: str, volume: str) -> dict[str, list[tuple[int, str
     or a forged report), both are kept, in report order.
     """
     pairs: dict[str, dict[tuple[int, str], None]] = {}
-    with open_log(journal_url, status_volume(volume)) as slog:
-        head = slog.head()
-        offset = max(slog.start(), head - DIGEST_RECORDS)
-        while offset < head:
-            records = slog.read(offset, max_records=1000, timeout=1.0)
-            if not records:
-                break
-            for rec in records:
-                try:
-                    report = json.loads(rec.payload)
-                    region = str(report["region"])
-                    if "digest" not in report:
-                        continue
-                    pair = (int(report["digest_offset"]), str(report["digest"]))
-                except (ValueError, KeyError, TypeError):
-                    log.warning("ignoring a malformed status report at offset %d", rec.offset)
-                    continue
-                if pair[0] >= 0:
-                    pairs.setdefault(region, {})[pair] = None
-            offset = records[-1].offset + 1
+    for offset, report in _reports(journal_url, volume, DIGEST_RECORDS):
+        if "digest" not in report:
+            continue
+        try:
+            pair = (int(report["digest_offset"]), str(report["digest"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring a malformed status report at offset %d", offset)
+            continue
+        if pair[0] >= 0:
+            pairs.setdefault(str(report["region"]), {})[pair] = None
     return {region: sorted(seen, key=lambda p: p[0]) for region, seen in sorted(pairs.items())}
 
 
@@ -193,20 +207,8 @@ def read_status(
 ) -> dict[str, RegionStatus]:
     """Return the newest status of every region that ever published, with lag computed now."""
     reports: dict[str, dict[str, Any]] = {}
-    with open_log(journal_url, status_volume(volume)) as slog:
-        head = slog.head()
-        offset = max(slog.start(), head - TAIL_RECORDS)
-        while offset < head:
-            records = slog.read(offset, max_records=1000, timeout=1.0)
-            if not records:
-                break
-            for rec in records:
-                try:
-                    report = json.loads(rec.payload)
-                    reports[str(report["region"])] = report
-                except (ValueError, KeyError, TypeError):
-                    log.warning("ignoring a malformed status report at offset %d", rec.offset)
-            offset = records[-1].offset + 1
+    for _offset, report in _reports(journal_url, volume, TAIL_RECORDS):
+        reports[str(report["region"])] = report
     own = metadata_log is None
     mlog = metadata_log if metadata_log is not None else open_log(journal_url, volume)
     try:
