@@ -58,7 +58,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -769,6 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"comma-separated subset of {','.join(TARGETS)}")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON report to FILE")
+    p.add_argument("--step-timeout", type=float, metavar="SECONDS",
+                   help="bound of each workload (default: 900 s at full size); "
+                   "s3fs needs over an hour for the full run")  # fmt: skip
     p.add_argument("--no-drop-caches", action="store_true",
                    help="leave the kernel's page cache alone (cold runs then only remount)")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -778,6 +781,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = args.scale or "full"
     if args.worker:
         return worker_main(args.worker, args.dir, scale)
+    if args.step_timeout:
+        SCALES[scale] = replace(SCALES[scale], timeout=args.step_timeout)
     names = [n for n in args.targets.split(",") if n]
     unknown = set(names) - set(TARGETS)
     if unknown or not names:
