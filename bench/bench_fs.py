@@ -306,6 +306,15 @@ def drop_page_cache() -> None:
         f.write("3\n")
 
 
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Wait up to a minute for an unmounted file system's process, then kill it."""
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _wait_ready(r: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     ready, _, _ = select.select([r], [], [], timeout)
     line = os.read(r, 4096) if ready else b""
@@ -400,11 +409,7 @@ class TidefsMount(Target):
             return
         if _is_mounted(self.dir):
             umount(str(self.dir))
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _reap(self.proc)
         self.proc = None
 
     def cold(self) -> None:
@@ -465,11 +470,7 @@ class S3fs(Target):
             return
         if _is_mounted(self.dir):
             subprocess.run(["fusermount3", "-u", str(self.dir)], check=False)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _reap(self.proc)
         self.proc = None
 
     def cold(self) -> None:

@@ -210,25 +210,36 @@ def _via(url: str, port: int | None, new_port: int) -> str:
 # -- metadata lag ------------------------------------------------------------------------
 
 
+def _start_replicas(
+    stack: contextlib.ExitStack, tmp: Path, volume: str, journals: dict[str, str]
+) -> dict[str, Any]:
+    """Start one Replica per region (its own state under `tmp`), stopped by `stack`."""
+    from tidefs.journal.log import open_log
+    from tidefs.replica.replica import Replica
+    from tidefs.replica.state import State
+
+    replicas: dict[str, Any] = {}
+    for r, journal in journals.items():
+        state = State.open(tmp / f"{volume}-state-{r}")
+        stack.callback(state.close)
+        log_ = open_log(journal, volume)
+        stack.callback(log_.close)
+        replicas[r] = Replica(log_, state, r).start()
+        stack.callback(replicas[r].stop)
+    return replicas
+
+
 def metadata_lag(
     journal_a: str, journal_b: str, tmp: Path, *, rate: float, seconds: float
 ) -> dict[str, Any]:
     """Append small-file creates at A at a steady rate; time each record until B applied it."""
     from tidefs.journal.commands import ROOT_INODE, CreateVolume, Mknod, Region
     from tidefs.journal.log import open_log
-    from tidefs.replica.replica import Replica
-    from tidefs.replica.state import ApplyResult, State
+    from tidefs.replica.state import ApplyResult
 
     volume = f"lag{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as stack:
-        replicas: dict[str, Replica] = {}
-        for r, journal in (("a", journal_a), ("b", journal_b)):
-            state = State.open(tmp / f"{volume}-{r}")
-            stack.callback(state.close)
-            log_ = open_log(journal, volume)
-            stack.callback(log_.close)
-            replicas[r] = Replica(log_, state, r).start()
-            stack.callback(replicas[r].stop)
+        replicas = _start_replicas(stack, tmp, volume, {"a": journal_a, "b": journal_b})
         a, b = replicas["a"], replicas["b"]
         applied: list[tuple[int, int]] = []  # (offset applied at B, wall clock ns)
         acked: dict[int, int] = {}  # offset -> wall clock ns when A's append returned
@@ -326,9 +337,7 @@ def blocks(
     from tidefs.journal.log import open_log
     from tidefs.replica.blocks import block_key, new_slice_id
     from tidefs.replica.fetch import BlockFetcher
-    from tidefs.replica.replica import Replica
     from tidefs.replica.replicator import Replicator
-    from tidefs.replica.state import State
     from tidefs.replica.store import open_store
 
     volume = f"bench{uuid.uuid4().hex[:8]}"
@@ -337,14 +346,7 @@ def blocks(
         seen_from_b = {r: open_store(u) for r, u in urls_b.items()}
         for store in (*stores.values(), *seen_from_b.values()):
             stack.callback(store.close)
-        replicas: dict[str, Replica] = {}
-        for r in "ab":
-            state = State.open(tmp / f"{volume}-state-{r}")
-            stack.callback(state.close)
-            log_ = open_log(journal, volume)
-            stack.callback(log_.close)
-            replicas[r] = Replica(log_, state, r).start()
-            stack.callback(replicas[r].stop)
+        replicas = _start_replicas(stack, tmp, volume, {"a": journal, "b": journal})
         a, b = replicas["a"], replicas["b"]
         regions = tuple(Region(r, u) for r, u in urls_a.items())
         assert a.submit(CreateVolume(volume, regions, "a", block_size=BLOCK)).ok
