@@ -96,6 +96,7 @@ from tidefs.journal.commands import (
     new_request_id,
 )
 from tidefs.replica.blocks import CorruptBlockError, StoreError, block_key, new_slice_id
+from tidefs.replica.store import FileStore
 
 if TYPE_CHECKING:
     from tidefs.journal.commands import Command
@@ -392,6 +393,11 @@ class BlockReader:
         self.pool = pool
         self._lock = threading.Lock()
         self._inflight: dict[str, Future[bytes]] = {}
+        # A directory store is on this machine already, and blocks fetched from
+        # other regions are written back into it: copying its blocks into the
+        # disk cache as well doubles a cold read's I/O and buys nothing.
+        local = remote.store(remote.local_region)
+        self.use_disk = not (isinstance(local, FileStore) and remote.write_back)
 
     def _claim(self, key: str) -> tuple[Future[bytes], bool]:
         with self._lock:
@@ -438,10 +444,11 @@ class BlockReader:
         return fut
 
     def _load(self, key: str, ref: SliceRef, index: int) -> bytes:
-        data = self.disk.get(key)
-        if data is not None:
-            telemetry.cache_hits.add(1, telemetry.attrs(level="disk"))
-            return data
+        if self.use_disk:
+            data = self.disk.get(key)
+            if data is not None:
+                telemetry.cache_hits.add(1, telemetry.attrs(level="disk"))
+                return data
         telemetry.cache_misses.add(1, telemetry.attrs())
         try:
             data = self.remote.get(ref, index)
@@ -451,7 +458,8 @@ class BlockReader:
         except StoreError as exc:
             log.error("block %s of slice %x (home %s): %s", key, ref.slice_id, ref.home, exc)
             raise BlockUnavailable(key, False) from exc
-        self.disk.put(key, data)
+        if self.use_disk:
+            self.disk.put(key, data)
         return data
 
 
