@@ -801,8 +801,10 @@ class DataPath:
             self._put(self.write_through, key, payload)
         telemetry.blocks_uploaded.add(1, telemetry.attrs())
         telemetry.bytes_uploaded.add(len(payload), telemetry.attrs())
-        # What was just written is the likeliest to be read next: keep it on disk.
-        self.fetcher.disk.put(key, payload)
+        # What was just written is the likeliest to be read next: keep it on disk
+        # (a directory store holds it on this machine already).
+        if self.fetcher.use_disk:
+            self.fetcher.disk.put(key, payload)
 
     def _put(self, region: str, key: str, payload: bytes) -> None:
         """Put one block into `region`'s store, with a few tries; raise when all fail."""
