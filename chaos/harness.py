@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -360,7 +359,3 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.2) -> bool:
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -144,10 +144,6 @@ class TcpProxy:
         for c in held:
             c.close()
 
-    @property
-    def is_cut(self) -> bool:
-        return self._mode is not None
-
     def _is_cut(self, conn: _Conn) -> bool:
         """Whether `conn` comes from a cut client (call with the lock held)."""
         if self._mode is None:
