@@ -410,21 +410,14 @@ class Mount:
 
     def _status_fields(self) -> dict[str, Any]:
         """The figures this region publishes for `tidefs status` and `tidefs verify`."""
-        from tidefs.replica.status import digest_fields
+        from tidefs.replica.status import region_fields
 
         assert self.replica is not None
-        fields: dict[str, Any] = {
-            "applied_offset": self.replica.applied,
-            "apply_delay_p99_s": round(self.replica.delays.p99(), 6),
-            **digest_fields(self.replica.state),
-        }
-        if self.fetcher is not None:
-            st = self.fetcher.stats()
-            fields["fallback_reads"] = st.fallback_reads
-            fields["fallback_bytes"] = st.fallback_bytes
-        if self.replicator is not None:
-            fields.update(self.replicator.status_fields())
-        return fields
+        return region_fields(
+            self.replica,
+            fetch_stats=self.fetcher.stats if self.fetcher is not None else None,
+            replicator=self.replicator,
+        )
 
     def close(self) -> None:
         """Flush, unmount, and release everything; safe after a partial open."""

@@ -1079,7 +1079,7 @@ def run_replicator(
     from tidefs.replica.replica import Replica, fold_range
     from tidefs.replica.snapshot import SnapshotError, bootstrap_state
     from tidefs.replica.state import StateError, StateLockedError
-    from tidefs.replica.status import StatusPublisher, digest_fields
+    from tidefs.replica.status import StatusPublisher, region_fields
 
     stop = stop or threading.Event()
     state_path, progress_path = replicator_dirs(state_dir)
@@ -1134,12 +1134,7 @@ def run_replicator(
             journal_url,
             volume,
             region,
-            lambda: {
-                "applied_offset": rep.applied,
-                "apply_delay_p99_s": round(rep.delays.p99(), 6),
-                **digest_fields(rep.state),
-                **repl.status_fields(),
-            },
+            lambda: region_fields(rep, replicator=repl),
         ).start()
         telemetry.configure(volume, region)
         telemetry.observe_region(

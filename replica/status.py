@@ -30,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 from tidefs.journal.log import JournalError, Log, open_log
 
 if TYPE_CHECKING:
+    from tidefs.replica.fetch import FetchStats
+    from tidefs.replica.replica import Replica
+    from tidefs.replica.replicator import Replicator
     from tidefs.replica.state import State
 
 log = logging.getLogger(__name__)
@@ -154,6 +157,31 @@ def digest_fields(state: State) -> dict[str, Any]:
     """
     offset, digest = state.applied_and_digest()
     return {"digest_offset": offset, "digest": digest.hex()}
+
+
+def region_fields(
+    replica: Replica,
+    *,
+    fetch_stats: Callable[[], FetchStats] | None = None,
+    replicator: Replicator | None = None,
+) -> dict[str, Any]:
+    """The figures a region publishes for `tidefs status` and `tidefs verify`.
+
+    A mount passes its fetcher's statistics (fallback reads) and its replicator
+    when it runs one; `tidefs replicate` passes only its replicator.
+    """
+    fields: dict[str, Any] = {
+        "applied_offset": replica.applied,
+        "apply_delay_p99_s": round(replica.delays.p99(), 6),
+        **digest_fields(replica.state),
+    }
+    if fetch_stats is not None:
+        st = fetch_stats()
+        fields["fallback_reads"] = st.fallback_reads
+        fields["fallback_bytes"] = st.fallback_bytes
+    if replicator is not None:
+        fields.update(replicator.status_fields())
+    return fields
 
 
 def _reports(journal_url: str, volume: str, tail: int) -> Iterator[tuple[int, dict[str, Any]]]:
