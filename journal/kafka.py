@@ -57,6 +57,7 @@ from urllib.parse import urlsplit
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from tidefs.journal.kafka_tail import TailFetcher
 from tidefs.journal.log import (
     JournalConfigError,
     JournalError,
@@ -79,6 +80,12 @@ DEFAULT_TIMEOUT = 10.0
 DEFAULT_LINGER_MS = 1.0
 DEFAULT_MAX_RECORD_BYTES = 8 << 20
 DEFAULT_MAX_READERS = 4
+DEFAULT_TAIL_INTERVAL_MS = 8.0
+DEFAULT_TAIL_CONNECTIONS = 16
+_TAIL_RETRY = 5.0
+"""Seconds before a stopped tail fetcher is tried again (reads go through librdkafka meanwhile)."""
+_TAIL_ABANDONED = 1.0
+"""Seconds without a take after which a tail fetcher may be moved to another reader's offset."""
 _VOLUME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _C = TypeVar("_C")
 _BATCH_OVERHEAD = 64 << 10
@@ -112,6 +119,11 @@ class KafkaLog(Log):
     - `max_record_bytes` (default 8 MiB): the largest payload accepted;
     - `create` (default true): create the topic when it is missing;
     - `max_readers` (default 4): consumers kept for concurrent reads;
+    - `tail_interval_ms` (default 8; 0 turns it off): a reader that follows
+      the log's tail gets its records from staggered fetches sent this often
+      while records flow (see `tidefs.journal.kafka_tail`), instead of
+      librdkafka's one fetch in flight; `tail_connections` (default 16)
+      bounds the connections that takes. Off when TLS or SASL is configured;
     - any option whose name contains a dot (`security.protocol`, ...) is passed
       to every librdkafka client unchanged.
     """
@@ -128,15 +140,25 @@ class KafkaLog(Log):
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         create: bool = True,
         max_readers: int = DEFAULT_MAX_READERS,
+        tail_interval_ms: float = DEFAULT_TAIL_INTERVAL_MS,
+        tail_connections: int = DEFAULT_TAIL_CONNECTIONS,
         client_config: dict[str, object] | None = None,
     ) -> None:
         if not isinstance(volume, str) or not _VOLUME_RE.match(volume):
             raise JournalConfigError(
                 f"volume name {volume!r} cannot name a Kafka topic: use 1-200 of [A-Za-z0-9._-]"
             )
-        if timeout <= 0 or linger_ms < 0 or max_record_bytes <= 0 or max_readers <= 0:
+        if (
+            timeout <= 0
+            or linger_ms < 0
+            or max_record_bytes <= 0
+            or max_readers <= 0
+            or tail_interval_ms < 0
+            or tail_connections <= 0
+        ):
             raise JournalConfigError(
-                "timeout, max_record_bytes and max_readers must be positive, linger_ms >= 0"
+                "timeout, max_record_bytes, max_readers and tail_connections must be positive, "
+                "linger_ms and tail_interval_ms >= 0"
             )
         self.volume = volume
         self.bootstrap = bootstrap
@@ -195,6 +217,17 @@ class KafkaLog(Log):
         self._max_readers = int(max_readers)
         self._readers_cond = threading.Condition()
         self._known_head = 0
+        # The tail fetcher speaks plaintext Kafka itself: not where TLS or SASL is asked for.
+        secured = any(
+            key.startswith(("ssl.", "sasl."))
+            or (key == "security.protocol" and str(value).lower() != "plaintext")
+            for key, value in (client_config or {}).items()
+        )
+        self._tail_interval = 0.0 if secured else tail_interval_ms / 1000
+        self._tail_connections = int(tail_connections)
+        self._tail: TailFetcher | None = None
+        self._tail_lock = threading.Lock()
+        self._tail_retry = 0.0
 
     @classmethod
     def from_url(cls, url: str, volume: str, **options: object) -> KafkaLog:
@@ -225,6 +258,8 @@ class KafkaLog(Log):
             "max_record_bytes": _int,
             "create": _bool,
             "max_readers": _int,
+            "tail_interval_ms": _non_negative_float,
+            "tail_connections": _int,
         }
         kwargs: dict[str, Any] = {}
         client_config: dict[str, object] = dict(
@@ -434,6 +469,10 @@ class KafkaLog(Log):
             raise ValueError(f"start offset must be >= 0, not {start}")
         if max_records <= 0:
             return []
+        if timeout > 0 and self._tail_interval > 0:
+            records = self._read_tail(start, max_records, timeout)
+            if records is not None:
+                return records
         reader = self._borrow(start)
         try:
             return self._read_with(reader, start, max_records, max(0.0, timeout))
@@ -487,6 +526,80 @@ class KafkaLog(Log):
                     f"records of {self.topic} from offset {start} could not be fetched from "
                     f"{self.bootstrap} within {self.timeout}s"
                 )
+
+    def _read_tail(self, start: int, max_records: int, timeout: float) -> list[Record] | None:
+        """Read at the tail through the tail fetcher; None: read through librdkafka instead."""
+        tail = self._tail_at(start)
+        if tail is None:
+            return None
+        records = tail.take(start, max_records, timeout)
+        if records == []:
+            # The caller's wait is over: are there records not fetched yet? They
+            # must be returned; the fetcher gets the backend's time-out for them.
+            if self._watermark(time.monotonic() + self.timeout) <= start:
+                return []
+            records = tail.take(start, max_records, self.timeout)
+        if not records:
+            self._drop_tail(tail)
+            return None
+        self._known_head = max(self._known_head, records[-1].offset + 1)
+        return records
+
+    def _tail_at(self, start: int) -> TailFetcher | None:
+        """The tail fetcher positioned at `start`, started if this read is at the known tail."""
+        with self._tail_lock:
+            self._check_open()
+            tail = self._tail
+            now = time.monotonic()
+            if tail is not None and tail.failure is None:
+                if tail.position == start:
+                    return tail
+                if now - tail.last_take < _TAIL_ABANDONED:
+                    return None  # it serves another reader
+            if tail is not None:
+                self._tail = None
+                tail.close()
+            if now < self._tail_retry or start < self._known_head:
+                return None
+            try:
+                address = self._leader_address()
+            except JournalError as exc:
+                log.info("no tail fetcher for %s: %s", self.topic, exc)
+                self._tail_retry = now + _TAIL_RETRY
+                return None
+            self._tail = TailFetcher(
+                address,
+                self.topic,
+                start,
+                timestamp_header=TIMESTAMP_HEADER,
+                interval=self._tail_interval,
+                max_connections=self._tail_connections,
+                max_bytes=self.max_record_bytes + _BATCH_OVERHEAD,
+                connect_timeout=self.timeout,
+                client_id=f"tidefs-{self.volume}-tail",
+            )
+            return self._tail
+
+    def _drop_tail(self, tail: TailFetcher) -> None:
+        with self._tail_lock:
+            if self._tail is tail:
+                self._tail = None
+                self._tail_retry = time.monotonic() + _TAIL_RETRY
+        tail.close()
+
+    def _leader_address(self) -> tuple[str, int]:
+        """(host, port) of the partition leader, from the cluster's metadata."""
+        deadline = time.monotonic() + self.timeout
+        with self._meta_lock:
+            metadata = self._call(
+                lambda left: self._meta.list_topics(self.topic, timeout=left), "metadata", deadline
+            )
+        topic = metadata.topics.get(self.topic)
+        partition = topic.partitions.get(0) if topic is not None else None
+        broker = metadata.brokers.get(partition.leader) if partition is not None else None
+        if broker is None:
+            raise JournalUnavailable(f"no leader known for {self.topic}")
+        return str(broker.host), int(broker.port)
 
     def _take(self, reader: _Reader, first: Message, start: int, max_records: int) -> list[Record]:
         """Turn `first` and whatever else is already fetched into records at or after `start`."""
@@ -675,6 +788,10 @@ class KafkaLog(Log):
             for reader in idle:
                 self._readers.remove(reader)
             self._readers_cond.notify_all()
+        with self._tail_lock:
+            tail, self._tail = self._tail, None
+        if tail is not None:
+            tail.close()
         remaining = self._producer.flush(self.timeout)
         if remaining:
             log.warning("%d append(s) to %s undelivered at close", remaining, self.topic)

@@ -1,0 +1,367 @@
+"""Following the tail of a Kafka log across a slow link: staggered fetches.
+
+A consumer learns of a new record by a fetch request parked at the broker:
+the broker answers it the moment the record lands. librdkafka keeps one
+fetch in flight per broker and sends the next only once the answer is back,
+so across a link with one-way delay `d` the next request spends `d` on its
+way back to the broker; a record that lands meanwhile waits for it and then
+crosses the link: `2d` on average under a steady stream of records instead
+of `d`, and up to `3d`.
+
+`TailFetcher` keeps a fetch at the broker all the time instead. It speaks
+Kafka's Fetch API itself (version 4, plaintext, uncompressed record batches:
+what `KafkaLog` produces) over a few connections of its own, and while
+records flow it sends one more fetch every `interval` over whichever
+connection is free. Each request samples the log when it reaches the broker:
+it is answered at once with what lies after its offset, or parks until a
+record lands. A record therefore waits at most `interval` for the next
+request to arrive, then crosses the link once. When no record has come for
+`idle_after` seconds, one long-parked request at a time is enough (a lone
+record wakes it, and crosses the link once) and traffic falls to one request
+per `idle_wait`.
+
+Requests sent before an answer came back carry an older offset, so their
+answers repeat records already taken: whole batches below the next offset
+are skipped by their header alone. The fetched records wait in a bounded
+buffer for the reader; when it is full, no request is sent until the reader
+takes some. Anything unexpected (an error code, a closed connection, a
+compressed or transactional batch, an old message format) stops the fetcher
+with a reason: the log then reads through librdkafka as before, which
+reports the error properly (`LogTrimmed`, `JournalUnavailable`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections import deque
+
+from tidefs.journal.log import Record
+
+log = logging.getLogger(__name__)
+
+_FETCH_KEY = 1
+_FETCH_VERSION = 4
+_READ_COMMITTED = 1
+_BATCH_HEADER = 61  # bytes of a v2 record batch header, up to and including the record count
+_COMPRESSION_MASK = 0x07
+_LOG_APPEND_TIME = 0x08
+_TRANSACTIONAL = 0x10
+_CONTROL = 0x20
+
+
+class TailStopped(Exception):
+    """The fetcher cannot go on; the message says why."""
+
+
+class TailFetcher:
+    """Follow one single-partition topic from `start`, handing records out in order.
+
+    `address` is the partition leader's (host, port). The fetcher runs one
+    thread; `take` is safe to call from one reader at a time.
+    """
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        topic: str,
+        start: int,
+        *,
+        timestamp_header: str,
+        interval: float = 0.008,
+        max_connections: int = 16,
+        idle_after: float = 1.0,
+        idle_wait: float = 0.5,
+        max_bytes: int = 8 << 20,
+        max_buffered: int = 20_000,
+        connect_timeout: float = 10.0,
+        client_id: str = "tidefs-tail",
+    ) -> None:
+        self.address = address
+        self.topic = topic
+        self.interval = interval
+        self.max_connections = max_connections
+        self.idle_after = idle_after
+        self.idle_wait_ms = max(1, int(idle_wait * 1000))
+        self.max_bytes = max_bytes
+        self.max_buffered = max_buffered
+        self.connect_timeout = connect_timeout
+        self._client_id = client_id.encode()
+        self._header_key = timestamp_header.encode()
+        self._cond = threading.Condition()
+        self._buffer: deque[Record] = deque()
+        self._next = start  # the offset the next request asks for
+        self._taken = start  # the offset the reader asks for next
+        self.failure: str | None = None
+        self.last_take = time.monotonic()
+        self.requests = 0
+        self._last_record = 0.0
+        self._closed = False
+        self._selector = selectors.DefaultSelector()
+        self._free: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+        self._correlation = 0
+        self._waker_r, self._waker_w = socket.socketpair()
+        self._waker_r.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name=f"tidefs-tail-{topic}", daemon=True)
+        self._thread.start()
+
+    # -- the reader's side ---------------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        """The offset the reader is expected to ask for next."""
+        return self._taken
+
+    def take(self, start: int, max_records: int, timeout: float) -> list[Record] | None:
+        """Records from `start` on, waiting up to `timeout` for one; None if this fetcher cannot serve.
+
+        None means: stopped, or not positioned at `start`; the caller reads another way.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self.last_take = time.monotonic()
+            if start != self._taken:
+                return None
+            while not self._buffer:
+                if self.failure is not None or self._closed:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._cond.wait(left)
+            count = min(max_records, len(self._buffer))
+            records = [self._buffer.popleft() for _ in range(count)]
+            self._taken = records[-1].offset + 1
+            if len(self._buffer) + count >= self.max_buffered:
+                self._wake()
+            return records
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._wake()
+        self._thread.join(10)
+
+    # -- the fetching thread -------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._selector.register(self._waker_r, selectors.EVENT_READ, None)
+        next_tick = 0.0
+        try:
+            while not self._closed:
+                now = time.monotonic()
+                flowing = now - self._last_record < self.idle_after
+                room = len(self._buffer) < self.max_buffered
+                if room and flowing and now >= next_tick:
+                    # Every connection busy: this tick is skipped, not retried in a spin.
+                    self._send(max_wait_ms=max(1, int(self.interval * 2000)))
+                    next_tick = now + self.interval
+                elif room and not self._busy:
+                    self._send(max_wait_ms=self.idle_wait_ms)
+                wait = max(0.0, next_tick - time.monotonic()) if flowing and room else 1.0
+                for key, _ in self._selector.select(wait):
+                    if key.data is None:
+                        self._drain_waker()
+                    else:
+                        self._receive(key.data)
+        except (OSError, TailStopped, struct.error, ValueError, IndexError) as exc:
+            reason = str(exc) or type(exc).__name__
+            if not self._closed:
+                log.info("tail fetcher of %s stopped: %s", self.topic, reason)
+            with self._cond:
+                self.failure = reason
+                self._cond.notify_all()
+        finally:
+            for conn in [*self._free, *self._busy]:
+                conn.sock.close()
+            self._selector.close()
+            self._waker_r.close()
+            self._waker_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # already gone: nothing left to wake
+            self._waker_w.send(b"\0")
+
+    def _drain_waker(self) -> None:
+        try:
+            while self._waker_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _send(self, max_wait_ms: int) -> bool:
+        """Send one fetch from the current offset; False if every connection is busy."""
+        if self._free:
+            conn = self._free.pop()
+        elif len(self._busy) < self.max_connections:
+            conn = _Connection(socket.create_connection(self.address, self.connect_timeout))
+            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+        else:
+            return False
+        self._correlation = (self._correlation + 1) & 0x7FFFFFFF
+        conn.correlation = self._correlation
+        conn.sock.sendall(self._request(self._correlation, self._next, max_wait_ms))
+        self._busy.add(conn)
+        self.requests += 1
+        return True
+
+    def _request(self, correlation: int, offset: int, max_wait_ms: int) -> bytes:
+        topic = self.topic.encode()
+        body = b"".join(
+            (
+                struct.pack(">hhih", _FETCH_KEY, _FETCH_VERSION, correlation, len(self._client_id)),
+                self._client_id,
+                # replica id (a consumer), max wait, min bytes, max bytes, isolation level
+                struct.pack(">iiiib", -1, max_wait_ms, 1, self.max_bytes, _READ_COMMITTED),
+                struct.pack(">ih", 1, len(topic)),
+                topic,
+                struct.pack(">iiqi", 1, 0, offset, self.max_bytes),
+            )
+        )
+        return struct.pack(">i", len(body)) + body
+
+    def _receive(self, conn: _Connection) -> None:
+        data = conn.sock.recv(1 << 20)
+        if not data:
+            raise TailStopped(f"the broker at {self.address[0]}:{self.address[1]} closed the link")
+        conn.pending += data
+        while len(conn.pending) >= 4:
+            size = struct.unpack_from(">i", conn.pending)[0]
+            if len(conn.pending) < 4 + size:
+                return
+            frame = bytes(conn.pending[4 : 4 + size])
+            del conn.pending[: 4 + size]
+            if struct.unpack_from(">i", frame)[0] != conn.correlation:
+                raise TailStopped("an answer to a request that was not asked")
+            self._busy.discard(conn)
+            self._free.append(conn)
+            self._answer(frame)
+
+    def _answer(self, frame: bytes) -> None:
+        # correlation id, throttle time, one topic: name, one partition
+        pos = 8
+        topics = struct.unpack_from(">i", frame, pos)[0]
+        if topics != 1:
+            raise TailStopped(f"an answer about {topics} topics")
+        pos += 4
+        pos += 2 + struct.unpack_from(">h", frame, pos)[0]
+        partitions, _index, error = struct.unpack_from(">iih", frame, pos)
+        if partitions != 1:
+            raise TailStopped(f"an answer about {partitions} partitions")
+        if error:
+            raise TailStopped(f"the broker answered a fetch with error code {error}")
+        pos += 10 + 16  # past count, index, error, high watermark, last stable offset
+        aborted = struct.unpack_from(">i", frame, pos)[0]
+        if aborted > 0:
+            raise TailStopped("aborted transactions in the log")
+        pos += 4
+        size = struct.unpack_from(">i", frame, pos)[0]
+        pos += 4
+        if size <= 0:
+            return
+        before = self._next
+        records = self._batches(frame, pos, pos + size)
+        if self._next != before:
+            with self._cond:
+                self._buffer.extend(records)
+                self._cond.notify_all()
+            self._last_record = time.monotonic()
+
+    def _batches(self, data: bytes, pos: int, end: int) -> list[Record]:
+        """Decode the record batches in data[pos:end] holding offsets >= self._next."""
+        out: list[Record] = []
+        while pos + _BATCH_HEADER <= end:
+            base, length = struct.unpack_from(">qi", data, pos)
+            stop = pos + 12 + length
+            if stop > end:
+                break  # the broker cut the last batch at max_bytes: fetched again next time
+            magic = data[pos + 16]
+            if magic != 2:
+                raise TailStopped(f"a record batch in the old format (magic {magic})")
+            attributes, last_delta, base_ts, max_ts = struct.unpack_from(">hiqq", data, pos + 21)
+            last = base + last_delta
+            if last >= self._next:
+                if attributes & _COMPRESSION_MASK:
+                    raise TailStopped("a compressed record batch")
+                if attributes & _TRANSACTIONAL:
+                    raise TailStopped("a transactional record batch")
+                if not attributes & _CONTROL:
+                    count = struct.unpack_from(">i", data, pos + 57)[0]
+                    log_append = bool(attributes & _LOG_APPEND_TIME)
+                    self._records(data, pos + _BATCH_HEADER, count, base, base_ts, max_ts,
+                                  log_append, out)  # fmt: skip
+                self._next = last + 1
+            pos = stop
+        return out
+
+    def _records(
+        self,
+        data: bytes,
+        pos: int,
+        count: int,
+        base: int,
+        base_ts: int,
+        max_ts: int,
+        log_append: bool,
+        out: list[Record],
+    ) -> None:
+        for _ in range(count):
+            length, pos = _varint(data, pos)
+            end = pos + length
+            pos += 1  # record attributes
+            ts_delta, pos = _varint(data, pos)
+            offset_delta, pos = _varint(data, pos)
+            key_len, pos = _varint(data, pos)
+            pos += max(0, key_len)
+            value_len, pos = _varint(data, pos)
+            value = data[pos : pos + value_len] if value_len >= 0 else b""
+            pos += max(0, value_len)
+            timestamp_ns = (max_ts if log_append else base_ts + ts_delta) * 1_000_000
+            headers, pos = _varint(data, pos)
+            for _ in range(headers):
+                hk_len, pos = _varint(data, pos)
+                hkey = data[pos : pos + hk_len]
+                pos += hk_len
+                hv_len, pos = _varint(data, pos)
+                if hkey == self._header_key and hv_len == 8:
+                    timestamp_ns = int.from_bytes(data[pos : pos + 8], "big")
+                pos += max(0, hv_len)
+            if pos != end:
+                raise TailStopped("a record whose length does not match its fields")
+            offset = base + offset_delta
+            if offset >= self._next:
+                out.append(Record(offset, timestamp_ns, bytes(value)))
+                self._next = offset + 1
+
+
+class _Connection:
+    __slots__ = ("correlation", "pending", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self.sock = sock
+        self.pending = bytearray()
+        self.correlation = -1
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode one zigzag varint at `pos`; return (value, next position)."""
+    shift = 0
+    raw = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        raw |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (raw >> 1) ^ -(raw & 1), pos
+        shift += 7
+        if shift > 63:
+            raise TailStopped("a varint longer than 64 bits")
