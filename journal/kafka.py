@@ -228,6 +228,8 @@ class KafkaLog(Log):
         self._tail: TailFetcher | None = None
         self._tail_lock = threading.Lock()
         self._tail_retry = 0.0
+        self.tail_failure: str | None = None
+        """Why the tail fetcher last stopped (reads then went through librdkafka)."""
 
     @classmethod
     def from_url(cls, url: str, volume: str, **options: object) -> KafkaLog:
@@ -581,10 +583,18 @@ class KafkaLog(Log):
             return self._tail
 
     def _drop_tail(self, tail: TailFetcher) -> None:
+        self.tail_failure = tail.failure or "it had no records that the log holds"
         with self._tail_lock:
             if self._tail is tail:
                 self._tail = None
                 self._tail_retry = time.monotonic() + _TAIL_RETRY
+            if tail.unsupported:
+                log.warning(
+                    "reading the tail of %s through librdkafka from now on: %s",
+                    self.topic,
+                    tail.failure,
+                )
+                self._tail_interval = 0.0
         tail.close()
 
     def _leader_address(self) -> tuple[str, int]:

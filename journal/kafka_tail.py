@@ -59,6 +59,10 @@ class TailStopped(Exception):
     """The fetcher cannot go on; the message says why."""
 
 
+class TailUnsupported(TailStopped):
+    """The log holds what the fetcher does not decode (compressed, transactional, old batches)."""
+
+
 class TailFetcher:
     """Follow one single-partition topic from `start`, handing records out in order.
 
@@ -98,6 +102,7 @@ class TailFetcher:
         self._next = start  # the offset the next request asks for
         self._taken = start  # the offset the reader asks for next
         self.failure: str | None = None
+        self.unsupported = False  # the failure is the log's format: trying again cannot help
         self.last_take = time.monotonic()
         self.requests = 0
         self._last_record = 0.0
@@ -177,6 +182,7 @@ class TailFetcher:
                 log.info("tail fetcher of %s stopped: %s", self.topic, reason)
             with self._cond:
                 self.failure = reason
+                self.unsupported = isinstance(exc, TailUnsupported)
                 self._cond.notify_all()
         finally:
             for conn in [*self._free, *self._busy]:
@@ -260,7 +266,7 @@ class TailFetcher:
         pos += 10 + 16  # past count, index, error, high watermark, last stable offset
         aborted = struct.unpack_from(">i", frame, pos)[0]
         if aborted > 0:
-            raise TailStopped("aborted transactions in the log")
+            raise TailUnsupported("aborted transactions in the log")
         pos += 4
         size = struct.unpack_from(">i", frame, pos)[0]
         pos += 4
@@ -284,14 +290,14 @@ class TailFetcher:
                 break  # the broker cut the last batch at max_bytes: fetched again next time
             magic = data[pos + 16]
             if magic != 2:
-                raise TailStopped(f"a record batch in the old format (magic {magic})")
+                raise TailUnsupported(f"a record batch in the old format (magic {magic})")
             attributes, last_delta, base_ts, max_ts = struct.unpack_from(">hiqq", data, pos + 21)
             last = base + last_delta
             if last >= self._next:
                 if attributes & _COMPRESSION_MASK:
-                    raise TailStopped("a compressed record batch")
+                    raise TailUnsupported("a compressed record batch")
                 if attributes & _TRANSACTIONAL:
-                    raise TailStopped("a transactional record batch")
+                    raise TailUnsupported("a transactional record batch")
                 if not attributes & _CONTROL:
                     count = struct.unpack_from(">i", data, pos + 57)[0]
                     log_append = bool(attributes & _LOG_APPEND_TIME)
