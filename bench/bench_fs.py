@@ -788,7 +788,8 @@ def bench_target(
     if not wanted & set(GROUPS["model"]):
         return rows
     try:
-        copied = run_worker("copy_model", target, scale, env, s.timeout)
+        # 4 GiB at full size: s3fs writes it at about 50 MiB/s, so it gets 4 bounds.
+        copied = run_worker("copy_model", target, scale, env, 4 * s.timeout)
         if copied.amount < copied.planned:
             raise RuntimeError(f"copying the model ran out of time: {copied.amount:,.0f} of "
                                f"{copied.planned:,.0f} MiB in {copied.seconds:.0f} s")  # fmt: skip
