@@ -31,6 +31,12 @@ with the caller, e.g. the fold's applied offset). A small pool of consumers
 lets several readers follow the log at once; each remembers its position, so
 a reader that asks for the next record continues without a seek. Offsets may
 have gaps (transaction markers), so nothing here assumes `next == last + 1`.
+Readers that wait at the tail (the fold, the replicator) are served by one
+`TailFetcher` instead (see `tidefs.journal.kafka_tail`): librdkafka keeps
+one fetch in flight, and across a slow link a record landing while the next
+fetch travels waits a round trip for it; the tail fetcher keeps a request at
+the broker all the time. It starts once a reader is within a thousand
+records of the head, and gives way to the consumers above on any error.
 
 Trimming. Records below some offset may be deleted from the topic (Kafka's
 `delete-records`, once snapshots cover them): `start()` is then the topic's
@@ -84,8 +90,10 @@ DEFAULT_TAIL_INTERVAL_MS = 8.0
 DEFAULT_TAIL_CONNECTIONS = 16
 _TAIL_RETRY = 5.0
 """Seconds before a stopped tail fetcher is tried again (reads go through librdkafka meanwhile)."""
+_TAIL_CATCH_UP = 1000
+"""A reader further behind the head than this many records catches up through librdkafka."""
 _TAIL_ABANDONED = 1.0
-"""Seconds without a take after which a tail fetcher may be moved to another reader's offset."""
+"""Seconds without a take after which a tail fetcher may be moved to another offset."""
 _VOLUME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _C = TypeVar("_C")
 _BATCH_OVERHEAD = 64 << 10
@@ -554,16 +562,20 @@ class KafkaLog(Log):
             tail = self._tail
             now = time.monotonic()
             if tail is not None and tail.failure is None:
-                if tail.position == start:
+                if tail.covers(start):
                     return tail
                 if now - tail.last_take < _TAIL_ABANDONED:
-                    return None  # it serves another reader
+                    return None  # it serves other readers, further on
             if tail is not None:
                 self._tail = None
                 tail.close()
             if now < self._tail_retry or start < self._known_head:
                 return None
             try:
+                if start < self._watermark(now + self.timeout) - _TAIL_CATCH_UP:
+                    # Far behind: librdkafka catches up faster; ask again in a while.
+                    self._tail_retry = now + 1.0
+                    return None
                 address = self._leader_address()
             except JournalError as exc:
                 log.info("no tail fetcher for %s: %s", self.topic, exc)

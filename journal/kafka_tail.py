@@ -32,6 +32,7 @@ reports the error properly (`LogTrimmed`, `JournalUnavailable`).
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import selectors
@@ -39,7 +40,6 @@ import socket
 import struct
 import threading
 import time
-from collections import deque
 
 from tidefs.journal.log import Record
 
@@ -67,7 +67,7 @@ class TailFetcher:
     """Follow one single-partition topic from `start`, handing records out in order.
 
     `address` is the partition leader's (host, port). The fetcher runs one
-    thread; `take` is safe to call from one reader at a time.
+    thread; readers take from it at their own offsets, from any thread.
     """
 
     def __init__(
@@ -82,7 +82,8 @@ class TailFetcher:
         idle_after: float = 1.0,
         idle_wait: float = 0.5,
         max_bytes: int = 8 << 20,
-        max_buffered: int = 20_000,
+        keep_records: int = 20_000,
+        keep_bytes: int = 64 << 20,
         connect_timeout: float = 10.0,
         client_id: str = "tidefs-tail",
     ) -> None:
@@ -93,14 +94,19 @@ class TailFetcher:
         self.idle_after = idle_after
         self.idle_wait_ms = max(1, int(idle_wait * 1000))
         self.max_bytes = max_bytes
-        self.max_buffered = max_buffered
+        self.keep_records = keep_records
+        self.keep_bytes = keep_bytes
         self.connect_timeout = connect_timeout
         self._client_id = client_id.encode()
         self._header_key = timestamp_header.encode()
         self._cond = threading.Condition()
-        self._buffer: deque[Record] = deque()
+        # The window of fetched records kept for the readers: every record
+        # from offset `_low` up to `_next` (exclusive) is in `_records`.
+        self._records: list[Record] = []
+        self._offsets: list[int] = []
+        self._kept_bytes = 0
+        self._low = start
         self._next = start  # the offset the next request asks for
-        self._taken = start  # the offset the reader asks for next
         self.failure: str | None = None
         self.unsupported = False  # the failure is the log's format: trying again cannot help
         self.last_take = time.monotonic()
@@ -118,34 +124,34 @@ class TailFetcher:
 
     # -- the reader's side ---------------------------------------------------------------
 
-    @property
-    def position(self) -> int:
-        """The offset the reader is expected to ask for next."""
-        return self._taken
+    def covers(self, start: int) -> bool:
+        """Whether records from `start` on are (or will be) served here."""
+        with self._cond:
+            return self.failure is None and self._low <= start <= self._next
 
     def take(self, start: int, max_records: int, timeout: float) -> list[Record] | None:
         """Records from `start` on, waiting up to `timeout` for one; None if this fetcher cannot serve.
 
-        None means: stopped, or not positioned at `start`; the caller reads another way.
+        None means: stopped, or `start` is outside the window of records kept
+        here (older than the oldest kept, or beyond what was fetched); the
+        caller reads another way. Several readers may take at their own offsets.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
             self.last_take = time.monotonic()
-            if start != self._taken:
-                return None
-            while not self._buffer:
+            while True:
+                if not self._low <= start <= self._next:
+                    return None
+                if self._offsets and self._offsets[-1] >= start:
+                    break
                 if self.failure is not None or self._closed:
                     return None
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
                 self._cond.wait(left)
-            count = min(max_records, len(self._buffer))
-            records = [self._buffer.popleft() for _ in range(count)]
-            self._taken = records[-1].offset + 1
-            if len(self._buffer) + count >= self.max_buffered:
-                self._wake()
-            return records
+            i = bisect.bisect_left(self._offsets, start)
+            return self._records[i : i + max_records]
 
     def close(self) -> None:
         with self._cond:
@@ -163,19 +169,19 @@ class TailFetcher:
             while not self._closed:
                 now = time.monotonic()
                 flowing = now - self._last_record < self.idle_after
-                room = len(self._buffer) < self.max_buffered
-                if room and flowing and now >= next_tick:
+                if flowing and now >= next_tick:
                     # Every connection busy: this tick is skipped, not retried in a spin.
                     self._send(max_wait_ms=max(1, int(self.interval * 2000)))
                     next_tick = now + self.interval
-                elif room and not self._busy:
+                elif not self._busy:
                     self._send(max_wait_ms=self.idle_wait_ms)
-                wait = max(0.0, next_tick - time.monotonic()) if flowing and room else 1.0
-                for key, _ in self._selector.select(wait):
+                wait = max(0.0, next_tick - time.monotonic()) if flowing else 1.0
+                for key, _ in self._selector.select(min(wait, 1.0)):
                     if key.data is None:
                         self._drain_waker()
                     else:
                         self._receive(key.data)
+                self._check_answered()
         except (OSError, TailStopped, struct.error, ValueError, IndexError) as exc:
             reason = str(exc) or type(exc).__name__
             if not self._closed:
@@ -190,6 +196,16 @@ class TailFetcher:
             self._selector.close()
             self._waker_r.close()
             self._waker_w.close()
+
+    def _check_answered(self) -> None:
+        """Stop if a request went unanswered: a link that drops packets closes nothing."""
+        now = time.monotonic()
+        for conn in self._busy:
+            if now > conn.due:
+                raise TailStopped(
+                    f"no answer from the broker at {self.address[0]}:{self.address[1]} "
+                    f"within {self.connect_timeout:g}s"
+                )
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # already gone: nothing left to wake
@@ -213,6 +229,7 @@ class TailFetcher:
             return False
         self._correlation = (self._correlation + 1) & 0x7FFFFFFF
         conn.correlation = self._correlation
+        conn.due = time.monotonic() + max_wait_ms / 1000 + self.connect_timeout
         conn.sock.sendall(self._request(self._correlation, self._next, max_wait_ms))
         self._busy.add(conn)
         self.requests += 1
@@ -276,9 +293,28 @@ class TailFetcher:
         records = self._batches(frame, pos, pos + size)
         if self._next != before:
             with self._cond:
-                self._buffer.extend(records)
+                self._keep(records)
                 self._cond.notify_all()
             self._last_record = time.monotonic()
+
+    def _keep(self, records: list[Record]) -> None:
+        """Add `records` to the window; forget the oldest beyond its bounds (a slow reader reads elsewhere)."""
+        self._records += records
+        self._offsets += [r.offset for r in records]
+        self._kept_bytes += sum(len(r.payload) for r in records)
+        # Trimmed in chunks: deleting from the front of a list copies the rest.
+        chunk = max(1, self.keep_records // 8)
+        if len(self._records) <= self.keep_records + chunk and self._kept_bytes <= self.keep_bytes:
+            return
+        drop = max(0, len(self._records) - self.keep_records)
+        dropped = sum(len(r.payload) for r in self._records[:drop])
+        while drop < len(self._records) - 1 and self._kept_bytes - dropped > self.keep_bytes:
+            dropped += len(self._records[drop].payload)
+            drop += 1
+        del self._records[:drop]
+        del self._offsets[:drop]
+        self._kept_bytes -= dropped
+        self._low = self._offsets[0]
 
     def _batches(self, data: bytes, pos: int, end: int) -> list[Record]:
         """Decode the record batches in data[pos:end] holding offsets >= self._next."""
@@ -301,13 +337,13 @@ class TailFetcher:
                 if not attributes & _CONTROL:
                     count = struct.unpack_from(">i", data, pos + 57)[0]
                     log_append = bool(attributes & _LOG_APPEND_TIME)
-                    self._records(data, pos + _BATCH_HEADER, count, base, base_ts, max_ts,
+                    self._decode_records(data, pos + _BATCH_HEADER, count, base, base_ts, max_ts,
                                   log_append, out)  # fmt: skip
                 self._next = last + 1
             pos = stop
         return out
 
-    def _records(
+    def _decode_records(
         self,
         data: bytes,
         pos: int,
@@ -348,7 +384,7 @@ class TailFetcher:
 
 
 class _Connection:
-    __slots__ = ("correlation", "pending", "sock")
+    __slots__ = ("correlation", "due", "pending", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -356,6 +392,7 @@ class _Connection:
         self.sock = sock
         self.pending = bytearray()
         self.correlation = -1
+        self.due = 0.0  # when the answer to the request in flight is overdue
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

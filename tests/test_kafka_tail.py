@@ -122,6 +122,50 @@ def test_concurrent_appends_arrive_once_and_in_order(
     assert tail is not None and tail.failure is None
 
 
+def test_two_followers_of_one_log_each_read_everything(
+    volume_logs: tuple[KafkaLog, KafkaLog, KafkaLog],
+) -> None:
+    """A mount's fold and its replicator follow the same log object at the tail."""
+    writer, follower, _plain = volume_logs
+    start = writer.append(b"start")
+    got: dict[str, list[Record]] = {"fold": [], "replicator": []}
+
+    def run(name: str) -> None:
+        got[name] = follow(follower, start, start + 300)
+
+    readers = [threading.Thread(target=run, args=(name,)) for name in got]
+    for t in readers:
+        t.start()
+    written = [writer.append(f"r{i}".encode()) for i in range(300)]
+    for t in readers:
+        t.join()
+    for name, records in got.items():
+        assert [r.offset for r in records] == [start, *written], name
+        assert [r.payload for r in records[1:]] == [f"r{i}".encode() for i in range(300)], name
+
+
+def test_a_reader_behind_the_window_is_refused(
+    kafka_broker: KafkaBroker, journal_volume: str
+) -> None:
+    """The fetcher keeps a bounded window; a reader older than it must read elsewhere."""
+    with KafkaLog(kafka_broker.bootstrap, journal_volume) as writer:
+        first = writer.append(b"0")
+        host, port = writer._leader_address()
+        tail = TailFetcher((host, port), writer.topic, first, timestamp_header="h", keep_records=8)
+        try:
+            offsets = [first] + [writer.append(str(i).encode()) for i in range(1, 40)]
+            deadline = time.monotonic() + 30
+            while not tail.covers(offsets[-1]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            newest = tail.take(offsets[-1], 10, 30.0)
+            assert newest is not None and [r.offset for r in newest] == [offsets[-1]]
+            assert tail.take(first, 10, 1.0) is None, "the oldest records were forgotten"
+            kept = tail.take(offsets[-8], 100, 1.0)
+            assert kept is not None and [r.offset for r in kept] == offsets[-8:]
+        finally:
+            tail.close()
+
+
 def test_compressed_log_is_read_through_librdkafka(
     kafka_broker: KafkaBroker, journal_volume: str
 ) -> None:
@@ -200,3 +244,24 @@ def test_fetcher_refuses_a_broker_that_is_not_there() -> None:
         assert tail.failure is not None and "refused" in tail.failure.lower()
     finally:
         tail.close()
+
+
+def test_fetcher_stops_when_the_broker_never_answers() -> None:
+    """A link that swallows requests closes nothing: the overdue answer stops the fetcher."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        port = silent.getsockname()[1]
+        tail = TailFetcher(
+            ("127.0.0.1", port),
+            "tidefs.none.log",
+            0,
+            timestamp_header="h",
+            idle_wait=0.1,
+            connect_timeout=0.5,
+        )
+        try:
+            assert tail.take(0, 10, 30.0) is None
+            assert tail.failure is not None and "no answer" in tail.failure
+        finally:
+            tail.close()
