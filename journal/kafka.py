@@ -90,6 +90,8 @@ DEFAULT_TAIL_INTERVAL_MS = 8.0
 DEFAULT_TAIL_CONNECTIONS = 16
 _TAIL_RETRY = 5.0
 """Seconds before a stopped tail fetcher is tried again (reads go through librdkafka meanwhile)."""
+_TAIL_OVERDUE = 2.0
+"""Seconds the tail fetcher gets to bring records the watermark says exist."""
 _TAIL_CATCH_UP = 1000
 """A reader further behind the head than this many records catches up through librdkafka."""
 _TAIL_ABANDONED = 1.0
@@ -545,10 +547,12 @@ class KafkaLog(Log):
         records = tail.take(start, max_records, timeout)
         if records == []:
             # The caller's wait is over: are there records not fetched yet? They
-            # must be returned; the fetcher gets the backend's time-out for them.
+            # must be returned. A fetcher that does not bring them within
+            # moments is stuck (say, on a link that dropped its requests):
+            # librdkafka fetches them instead.
             if self._watermark(time.monotonic() + self.timeout) <= start:
                 return []
-            records = tail.take(start, max_records, self.timeout)
+            records = tail.take(start, max_records, min(self.timeout, _TAIL_OVERDUE))
         if not records:
             self._drop_tail(tail)
             return None
