@@ -54,10 +54,12 @@ with EIO and a log line.
 
 The blocks of one read are fetched in parallel. Sequential reads of an open
 file grow a readahead window, one block at first and doubling on every read
-that continues where the last one ended, up to `readahead_max`; the window's
+that starts near where the furthest one ended (the kernel's readahead
+sends several requests at once, and they arrive in any order), up to
+`readahead_max`; the window's
 blocks are fetched in the background into the memory cache, so a reader
 streaming through a file finds its next blocks already local. A read at any
-other offset resets the window, so random access costs nothing extra.
+offset further away resets the window, so random access costs nothing extra.
 Concurrent requests for one block share a single fetch.
 
 Compaction
@@ -916,15 +918,22 @@ class DataPath:
         return data
 
     def _readahead(self, of: OpenFile, off: int, end: int, file_size: int) -> None:
-        if off == of.ra_next:
+        # The kernel's own readahead sends several requests at once and they reach
+        # this thread pool in any order: a read that starts within the window (or
+        # one block) of where the furthest read ended is still sequential. Only a
+        # read further away resets the window.
+        near = of.ra_next >= 0 and abs(off - of.ra_next) <= max(of.ra_window, self.block_size)
+        if near:
             of.ra_window = min(max(2 * of.ra_window, self.block_size), self.readahead_max)
+            of.ra_next = max(of.ra_next, end)
         else:
             of.ra_window = 0
-        of.ra_next = end
-        if of.ra_window == 0 or end >= file_size:
+            of.ra_next = end
+        start = of.ra_next
+        if of.ra_window == 0 or start >= file_size:
             return
         try:
-            ahead = self._plan_read(of.ino, end, min(end + of.ra_window, file_size))
+            ahead = self._plan_read(of.ino, start, min(start + of.ra_window, file_size))
         except Exception as exc:  # readahead is a hint: never fail a read for it
             log.debug("readahead planning failed: %s", exc)
             return
