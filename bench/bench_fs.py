@@ -736,7 +736,9 @@ def bench_target(
             if w is not None and record:
                 rows.append(Row(target.name, w.label, w.unit, None, str(e)))
             return False
-        note = partial_note(w or Workload(worker, worker, "files/s", "files"), done)
+        # A step that only prepares (making the files to rename) counts in its own noun.
+        kind = w if w is not None and worker != "mkfiles" else Workload(worker, worker, "", "files")
+        note = partial_note(kind, done)
         if w is not None and record:
             value = _figure(w.unit, done.amount, done.seconds) if done.amount else None
             error = None if done.amount else f"nothing done in {done.seconds:.0f} s"
