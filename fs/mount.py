@@ -319,15 +319,20 @@ class Mount:
             nursery.start_soon(self._fold_control)
             if self.cfg.max_staleness is not None:
                 nursery.start_soon(self._lag_monitor)
-            nursery.start_soon(self._tune_readahead)
-            on_ready()
+            # Ready only once the readahead is raised: the kernel copies it into
+            # each file when it is opened, so a file opened before would read
+            # ahead only 128 KiB for as long as it stays open.
+            nursery.start_soon(self._tune_readahead, on_ready)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 
-    async def _tune_readahead(self) -> None:
+    async def _tune_readahead(self, on_ready: Callable[[], None]) -> None:
         import trio
 
-        await trio.to_thread.run_sync(_raise_readahead, self.cfg.mountpoint)
+        try:
+            await trio.to_thread.run_sync(_raise_readahead, self.cfg.mountpoint)
+        finally:
+            on_ready()
 
     async def _signals(self) -> None:
         import pyfuse3
