@@ -553,69 +553,94 @@ class KafkaLog(Log):
             if self._watermark(time.monotonic() + self.timeout) <= start:
                 return []
             records = tail.take(start, max_records, min(self.timeout, _TAIL_OVERDUE))
+            if records == []:
+                self._drop_tail(tail, "records the log holds did not come")
         if not records:
-            self._drop_tail(tail)
-            return None
+            if tail.failure is not None:
+                self._drop_tail(tail, tail.failure)
+            return None  # stopped, or `start` left the window: this read only goes elsewhere
         self._known_head = max(self._known_head, records[-1].offset + 1)
         return records
 
     def _tail_at(self, start: int) -> TailFetcher | None:
-        """The tail fetcher positioned at `start`, started if this read is at the known tail."""
+        """The tail fetcher that serves `start`, started if this reader is near the head.
+
+        The broker is asked (watermark, leader) outside the lock and with a
+        short bound: a reader must not wait on another's request to a broker
+        that went away; its own read then reports that.
+        """
+        stale: TailFetcher | None = None
         with self._tail_lock:
             self._check_open()
             tail = self._tail
-            now = time.monotonic()
             if tail is not None and tail.failure is None:
                 if tail.covers(start):
                     return tail
-                if now - tail.last_take < _TAIL_ABANDONED:
+                if tail.in_use(_TAIL_ABANDONED):
                     return None  # it serves other readers, further on
             if tail is not None:
-                self._tail = None
-                tail.close()
-            if now < self._tail_retry or start < self._known_head:
-                return None
-            try:
-                if start < self._watermark(now + self.timeout) - _TAIL_CATCH_UP:
-                    # Far behind: librdkafka catches up faster; ask again in a while.
-                    self._tail_retry = now + 1.0
-                    return None
-                address = self._leader_address()
-            except JournalError as exc:
-                log.info("no tail fetcher for %s: %s", self.topic, exc)
-                self._tail_retry = now + _TAIL_RETRY
-                return None
-            self._tail = TailFetcher(
-                address,
-                self.topic,
-                start,
-                timestamp_header=TIMESTAMP_HEADER,
-                interval=self._tail_interval,
-                max_connections=self._tail_connections,
-                max_bytes=self.max_record_bytes + _BATCH_OVERHEAD,
-                connect_timeout=self.timeout,
-                client_id=f"tidefs-{self.volume}-tail",
-            )
-            return self._tail
+                self._tail, stale = None, tail
+                if tail.failure is not None:
+                    self._tail_retry = time.monotonic() + _TAIL_RETRY
+            if time.monotonic() < self._tail_retry or self._tail_interval == 0:
+                fresh = False
+            else:
+                fresh = True
+                self._tail_retry = time.monotonic() + 1.0  # one attempt a second at most
+        if stale is not None:
+            if stale.failure is not None:
+                self._drop_tail(stale, stale.failure)
+            else:
+                stale.close()
+        if not fresh:
+            return None
+        try:
+            deadline = time.monotonic() + min(self.timeout, 1.0)
+            if start < self._watermark(deadline) - _TAIL_CATCH_UP:
+                return None  # far behind: librdkafka catches up faster; asked again in a while
+            address = self._leader_address(deadline)
+        except JournalError as exc:
+            log.info("no tail fetcher for %s: %s", self.topic, exc)
+            with self._tail_lock:
+                self._tail_retry = time.monotonic() + _TAIL_RETRY
+            return None
+        tail = TailFetcher(
+            address,
+            self.topic,
+            start,
+            timestamp_header=TIMESTAMP_HEADER,
+            interval=self._tail_interval,
+            max_connections=self._tail_connections,
+            max_bytes=self.max_record_bytes + _BATCH_OVERHEAD,
+            connect_timeout=self.timeout,
+            client_id=f"tidefs-{self.volume}-tail",
+        )
+        with self._tail_lock:
+            if self._closed or self._tail is not None:
+                stale, tail = tail, None  # closed meanwhile, or another reader started one
+            else:
+                self._tail = tail
+                stale = None
+        if stale is not None:
+            stale.close()
+        return tail
 
-    def _drop_tail(self, tail: TailFetcher) -> None:
-        self.tail_failure = tail.failure or "it had no records that the log holds"
+    def _drop_tail(self, tail: TailFetcher, why: str) -> None:
+        """Stop `tail` for every reader; one is tried again after a while."""
+        self.tail_failure = why
         with self._tail_lock:
             if self._tail is tail:
                 self._tail = None
-                self._tail_retry = time.monotonic() + _TAIL_RETRY
-            if tail.unsupported:
+            self._tail_retry = time.monotonic() + _TAIL_RETRY
+            if tail.unsupported and self._tail_interval:
                 log.warning(
-                    "reading the tail of %s through librdkafka from now on: %s",
-                    self.topic,
-                    tail.failure,
+                    "reading the tail of %s through librdkafka from now on: %s", self.topic, why
                 )
                 self._tail_interval = 0.0
         tail.close()
 
-    def _leader_address(self) -> tuple[str, int]:
+    def _leader_address(self, deadline: float) -> tuple[str, int]:
         """(host, port) of the partition leader, from the cluster's metadata."""
-        deadline = time.monotonic() + self.timeout
         with self._meta_lock:
             metadata = self._call(
                 lambda left: self._meta.list_topics(self.topic, timeout=left), "metadata", deadline

@@ -22,12 +22,17 @@ per `idle_wait`.
 
 Requests sent before an answer came back carry an older offset, so their
 answers repeat records already taken: whole batches below the next offset
-are skipped by their header alone. The fetched records wait in a bounded
-buffer for the reader; when it is full, no request is sent until the reader
-takes some. Anything unexpected (an error code, a closed connection, a
-compressed or transactional batch, an old message format) stops the fetcher
-with a reason: the log then reads through librdkafka as before, which
-reports the error properly (`LogTrimmed`, `JournalUnavailable`).
+are skipped by their header alone, and those staggered requests ask for at
+most `sample_bytes` (the first batch always comes whole), which bounds what
+one record costs the link. The fetched records stay in a bounded window that
+several readers take from at their own offsets; a reader older than the
+window reads elsewhere. When no reader has come for `dormant_after` seconds,
+no request is sent until one does. A connection that breaks is dropped (its
+request is asked again by the next one); anything else unexpected (an error
+code, no answer in time, a refused connection, a compressed or transactional
+batch, an old message format) stops the fetcher with a reason: the log then
+reads through librdkafka as before, which reports the error properly
+(`LogTrimmed`, `JournalUnavailable`).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import socket
 import struct
 import threading
 import time
+from collections import deque
 
 from tidefs.journal.log import Record
 
@@ -82,6 +88,8 @@ class TailFetcher:
         idle_after: float = 1.0,
         idle_wait: float = 0.5,
         max_bytes: int = 8 << 20,
+        sample_bytes: int = 1 << 20,
+        dormant_after: float = 30.0,
         keep_records: int = 20_000,
         keep_bytes: int = 64 << 20,
         connect_timeout: float = 10.0,
@@ -94,6 +102,9 @@ class TailFetcher:
         self.idle_after = idle_after
         self.idle_wait_ms = max(1, int(idle_wait * 1000))
         self.max_bytes = max_bytes
+        self.sample_bytes = min(sample_bytes, max_bytes)
+        self.dormant_after = dormant_after
+        self._waiting = 0  # readers inside take(), waiting for records
         self.keep_records = keep_records
         self.keep_bytes = keep_bytes
         self.connect_timeout = connect_timeout
@@ -114,7 +125,7 @@ class TailFetcher:
         self._last_record = 0.0
         self._closed = False
         self._selector = selectors.DefaultSelector()
-        self._free: list[_Connection] = []
+        self._free: deque[_Connection] = deque()  # used in turn, so that none sits idle for long
         self._busy: set[_Connection] = set()
         self._correlation = 0
         self._waker_r, self._waker_w = socket.socketpair()
@@ -129,6 +140,11 @@ class TailFetcher:
         with self._cond:
             return self.failure is None and self._low <= start <= self._next
 
+    def in_use(self, within: float) -> bool:
+        """Whether a reader waits in `take` now, or took within the last `within` seconds."""
+        with self._cond:
+            return self._waiting > 0 or time.monotonic() - self.last_take < within
+
     def take(self, start: int, max_records: int, timeout: float) -> list[Record] | None:
         """Records from `start` on, waiting up to `timeout` for one; None if this fetcher cannot serve.
 
@@ -138,7 +154,10 @@ class TailFetcher:
         """
         deadline = time.monotonic() + timeout
         with self._cond:
-            self.last_take = time.monotonic()
+            now = time.monotonic()
+            if now - self.last_take > self.dormant_after:
+                self._wake()  # the fetching thread stopped asking: a reader is back
+            self.last_take = now
             while True:
                 if not self._low <= start <= self._next:
                     return None
@@ -149,7 +168,12 @@ class TailFetcher:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
-                self._cond.wait(left)
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
+                    self.last_take = time.monotonic()
             i = bisect.bisect_left(self._offsets, start)
             return self._records[i : i + max_records]
 
@@ -169,23 +193,30 @@ class TailFetcher:
             while not self._closed:
                 now = time.monotonic()
                 flowing = now - self._last_record < self.idle_after
-                if flowing and now >= next_tick:
+                dormant = not self.in_use(self.dormant_after)
+                if dormant:
+                    pass  # nobody reads: ask nothing until take() wakes this thread
+                elif flowing and now >= next_tick:
                     # Every connection busy: this tick is skipped, not retried in a spin.
-                    self._send(max_wait_ms=max(1, int(self.interval * 2000)))
+                    self._send(max(1, int(self.interval * 2000)), self.sample_bytes)
                     next_tick = now + self.interval
                 elif not self._busy:
-                    self._send(max_wait_ms=self.idle_wait_ms)
-                wait = max(0.0, next_tick - time.monotonic()) if flowing else 1.0
+                    self._send(self.idle_wait_ms, self.max_bytes)
+                wait = max(0.0, next_tick - time.monotonic()) if flowing and not dormant else 1.0
                 for key, _ in self._selector.select(min(wait, 1.0)):
                     if key.data is None:
                         self._drain_waker()
                     else:
                         self._receive(key.data)
                 self._check_answered()
-        except (OSError, TailStopped, struct.error, ValueError, IndexError) as exc:
+        except Exception as exc:
             reason = str(exc) or type(exc).__name__
             if not self._closed:
-                log.info("tail fetcher of %s stopped: %s", self.topic, reason)
+                expected = (OSError, TailStopped, struct.error, ValueError, IndexError)
+                if isinstance(exc, expected):
+                    log.info("tail fetcher of %s stopped: %s", self.topic, reason)
+                else:
+                    log.exception("tail fetcher of %s failed", self.topic)
             with self._cond:
                 self.failure = reason
                 self.unsupported = isinstance(exc, TailUnsupported)
@@ -218,10 +249,10 @@ class TailFetcher:
         except BlockingIOError:
             pass
 
-    def _send(self, max_wait_ms: int) -> bool:
+    def _send(self, max_wait_ms: int, max_bytes: int) -> bool:
         """Send one fetch from the current offset; False if every connection is busy."""
         if self._free:
-            conn = self._free.pop()
+            conn = self._free.popleft()
         elif len(self._busy) < self.max_connections:
             conn = _Connection(socket.create_connection(self.address, self.connect_timeout))
             self._selector.register(conn.sock, selectors.EVENT_READ, conn)
@@ -230,33 +261,56 @@ class TailFetcher:
         self._correlation = (self._correlation + 1) & 0x7FFFFFFF
         conn.correlation = self._correlation
         conn.due = time.monotonic() + max_wait_ms / 1000 + self.connect_timeout
-        conn.sock.sendall(self._request(self._correlation, self._next, max_wait_ms))
         self._busy.add(conn)
+        try:
+            conn.sock.sendall(self._request(self._correlation, self._next, max_wait_ms, max_bytes))
+        except OSError as exc:
+            self._drop(conn, exc)
+            return False
         self.requests += 1
         return True
 
-    def _request(self, correlation: int, offset: int, max_wait_ms: int) -> bytes:
+    def _drop(self, conn: _Connection, why: object) -> None:
+        """Forget a broken connection; its request, if any, is asked again by the next one."""
+        log.debug("tail fetcher of %s drops a connection: %s", self.topic, why)
+        self._busy.discard(conn)
+        with contextlib.suppress(ValueError):
+            self._free.remove(conn)
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def _request(self, correlation: int, offset: int, max_wait_ms: int, max_bytes: int) -> bytes:
         topic = self.topic.encode()
         body = b"".join(
             (
                 struct.pack(">hhih", _FETCH_KEY, _FETCH_VERSION, correlation, len(self._client_id)),
                 self._client_id,
                 # replica id (a consumer), max wait, min bytes, max bytes, isolation level
-                struct.pack(">iiiib", -1, max_wait_ms, 1, self.max_bytes, _READ_COMMITTED),
+                struct.pack(">iiiib", -1, max_wait_ms, 1, max_bytes, _READ_COMMITTED),
                 struct.pack(">ih", 1, len(topic)),
                 topic,
-                struct.pack(">iiqi", 1, 0, offset, self.max_bytes),
+                struct.pack(">iiqi", 1, 0, offset, max_bytes),
             )
         )
         return struct.pack(">i", len(body)) + body
 
     def _receive(self, conn: _Connection) -> None:
-        data = conn.sock.recv(1 << 20)
+        why: object = "closed by the broker"
+        try:
+            data = conn.sock.recv(1 << 20)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data, why = b"", exc
         if not data:
-            raise TailStopped(f"the broker at {self.address[0]}:{self.address[1]} closed the link")
+            self._drop(conn, why)  # idle connections are closed by brokers routinely
+            return
         conn.pending += data
         while len(conn.pending) >= 4:
             size = struct.unpack_from(">i", conn.pending)[0]
+            if size < 8:
+                raise TailStopped(f"an answer of {size} bytes")
             if len(conn.pending) < 4 + size:
                 return
             frame = bytes(conn.pending[4 : 4 + size])
@@ -321,6 +375,8 @@ class TailFetcher:
         out: list[Record] = []
         while pos + _BATCH_HEADER <= end:
             base, length = struct.unpack_from(">qi", data, pos)
+            if length < _BATCH_HEADER - 12:
+                raise TailStopped(f"a record batch of {length} bytes")
             stop = pos + 12 + length
             if stop > end:
                 break  # the broker cut the last batch at max_bytes: fetched again next time
@@ -337,8 +393,10 @@ class TailFetcher:
                 if not attributes & _CONTROL:
                     count = struct.unpack_from(">i", data, pos + 57)[0]
                     log_append = bool(attributes & _LOG_APPEND_TIME)
-                    self._decode_records(data, pos + _BATCH_HEADER, count, base, base_ts, max_ts,
-                                  log_append, out)  # fmt: skip
+                    first = pos + _BATCH_HEADER
+                    stamps = (base_ts, max_ts, log_append)
+                    if self._decode_records(data, first, count, base, stamps, out) != stop:
+                        raise TailStopped("a record batch whose records do not fill it")
                 self._next = last + 1
             pos = stop
         return out
@@ -349,11 +407,11 @@ class TailFetcher:
         pos: int,
         count: int,
         base: int,
-        base_ts: int,
-        max_ts: int,
-        log_append: bool,
+        stamps: tuple[int, int, bool],
         out: list[Record],
-    ) -> None:
+    ) -> int:
+        """Decode `count` records from `pos`; return where they end."""
+        base_ts, max_ts, log_append = stamps
         for _ in range(count):
             length, pos = _varint(data, pos)
             end = pos + length
@@ -381,6 +439,7 @@ class TailFetcher:
             if offset >= self._next:
                 out.append(Record(offset, timestamp_ns, bytes(value)))
                 self._next = offset + 1
+        return pos
 
 
 class _Connection:

@@ -150,7 +150,7 @@ def test_a_reader_behind_the_window_is_refused(
     """The fetcher keeps a bounded window; a reader older than it must read elsewhere."""
     with KafkaLog(kafka_broker.bootstrap, journal_volume) as writer:
         first = writer.append(b"0")
-        host, port = writer._leader_address()
+        host, port = writer._leader_address(time.monotonic() + 10)
         tail = TailFetcher((host, port), writer.topic, first, timestamp_header="h", keep_records=8)
         try:
             offsets = [first] + [writer.append(str(i).encode()) for i in range(1, 40)]
@@ -263,5 +263,31 @@ def test_fetcher_stops_when_the_broker_never_answers() -> None:
         try:
             assert tail.take(0, 10, 30.0) is None
             assert tail.failure is not None and "no answer" in tail.failure
+        finally:
+            tail.close()
+
+
+def test_fetcher_asks_nothing_while_nobody_reads(
+    kafka_broker: KafkaBroker, journal_volume: str
+) -> None:
+    """A fetcher no reader uses stops sending requests, and starts again for the next reader."""
+    with KafkaLog(kafka_broker.bootstrap, journal_volume) as writer:
+        first = writer.append(b"0")
+        address = writer._leader_address(time.monotonic() + 10)
+        tail = TailFetcher(
+            address, writer.topic, first, timestamp_header="h", idle_wait=0.05, dormant_after=0.5
+        )
+        try:
+            assert [r.payload for r in tail.take(first, 10, 30.0) or []] == [b"0"]
+            deadline = time.monotonic() + 30
+            before = -1
+            while tail.requests != before and time.monotonic() < deadline:
+                before = tail.requests
+                time.sleep(1.5)  # several idle waits: a fetcher still asking would count them
+            assert tail.requests == before, "a fetcher nobody reads keeps asking the broker"
+            later = writer.append(b"1")
+            got = tail.take(later, 10, 30.0)
+            assert got is not None and [r.payload for r in got] == [b"1"]
+            assert tail.requests > before
         finally:
             tail.close()
