@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import logging
+import os
 import selectors
 import socket
 import struct
@@ -127,6 +129,7 @@ class TailFetcher:
         self._selector = selectors.DefaultSelector()
         self._free: deque[_Connection] = deque()  # used in turn, so that none sits idle for long
         self._busy: set[_Connection] = set()
+        self._connecting: set[_Connection] = set()
         self._correlation = 0
         self._waker_r, self._waker_w = socket.socketpair()
         self._waker_r.setblocking(False)
@@ -200,12 +203,14 @@ class TailFetcher:
                     # Every connection busy: this tick is skipped, not retried in a spin.
                     self._send(max(1, int(self.interval * 2000)), self.sample_bytes)
                     next_tick = now + self.interval
-                elif not self._busy:
+                elif not self._busy and not self._connecting:
                     self._send(self.idle_wait_ms, self.max_bytes)
                 wait = max(0.0, next_tick - time.monotonic()) if flowing and not dormant else 1.0
                 for key, _ in self._selector.select(min(wait, 1.0)):
                     if key.data is None:
                         self._drain_waker()
+                    elif key.data in self._connecting:
+                        self._connected(key.data)
                     else:
                         self._receive(key.data)
                 self._check_answered()
@@ -222,7 +227,7 @@ class TailFetcher:
                 self.unsupported = isinstance(exc, TailUnsupported)
                 self._cond.notify_all()
         finally:
-            for conn in [*self._free, *self._busy]:
+            for conn in [*self._free, *self._busy, *self._connecting]:
                 conn.sock.close()
             self._selector.close()
             self._waker_r.close()
@@ -235,6 +240,12 @@ class TailFetcher:
             if now > conn.due:
                 raise TailStopped(
                     f"no answer from the broker at {self.address[0]}:{self.address[1]} "
+                    f"within {self.connect_timeout:g}s"
+                )
+        for conn in self._connecting:
+            if now > conn.due:
+                raise TailStopped(
+                    f"cannot connect to the broker at {self.address[0]}:{self.address[1]} "
                     f"within {self.connect_timeout:g}s"
                 )
 
@@ -251,13 +262,11 @@ class TailFetcher:
 
     def _send(self, max_wait_ms: int, max_bytes: int) -> bool:
         """Send one fetch from the current offset; False if every connection is busy."""
-        if self._free:
-            conn = self._free.popleft()
-        elif len(self._busy) < self.max_connections:
-            conn = _Connection(socket.create_connection(self.address, self.connect_timeout))
-            self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-        else:
+        if not self._free:
+            if len(self._busy) + len(self._connecting) < self.max_connections:
+                self._connect()  # used once connected: no waiting a round trip here
             return False
+        conn = self._free.popleft()
         self._correlation = (self._correlation + 1) & 0x7FFFFFFF
         conn.correlation = self._correlation
         conn.due = time.monotonic() + max_wait_ms / 1000 + self.connect_timeout
@@ -270,10 +279,37 @@ class TailFetcher:
         self.requests += 1
         return True
 
+    def _connect(self) -> None:
+        """Start connecting one more connection, without blocking this thread."""
+        host, port = self.address
+        family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
+            0
+        ]
+        conn = _Connection(socket.socket(family, kind, proto))
+        conn.due = time.monotonic() + self.connect_timeout
+        err = conn.sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS):
+            conn.sock.close()
+            raise OSError(err, f"cannot connect to the broker at {host}:{port}: {os.strerror(err)}")
+        self._connecting.add(conn)
+        self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+
+    def _connected(self, conn: _Connection) -> None:
+        self._connecting.discard(conn)
+        err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._selector.unregister(conn.sock)
+            conn.sock.close()
+            host, port = self.address
+            raise OSError(err, f"cannot connect to the broker at {host}:{port}: {os.strerror(err)}")
+        self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        self._free.append(conn)
+
     def _drop(self, conn: _Connection, why: object) -> None:
         """Forget a broken connection; its request, if any, is asked again by the next one."""
         log.debug("tail fetcher of %s drops a connection: %s", self.topic, why)
         self._busy.discard(conn)
+        self._connecting.discard(conn)
         with contextlib.suppress(ValueError):
             self._free.remove(conn)
         with contextlib.suppress(KeyError, ValueError):
