@@ -544,13 +544,19 @@ class KafkaLog(Log):
         tail = self._tail_at(start)
         if tail is None:
             return None
+        called = time.monotonic()
         records = tail.take(start, max_records, timeout)
         if records == []:
             # The caller's wait is over: are there records not fetched yet? They
-            # must be returned. A fetcher that does not bring them within
-            # moments is stuck (say, on a link that dropped its requests):
-            # librdkafka fetches them instead.
-            if self._watermark(time.monotonic() + self.timeout) <= start:
+            # must be returned. The fetcher's own answers usually tell (asking
+            # the broker costs a round trip, during which a record that lands
+            # would wait). A fetcher that does not bring records that exist
+            # within moments is stuck (say, on a link that dropped its
+            # requests): librdkafka fetches them instead.
+            end = tail.end_since(called)
+            if end is None:
+                end = self._watermark(time.monotonic() + self.timeout)
+            if end <= start:
                 return []
             records = tail.take(start, max_records, min(self.timeout, _TAIL_OVERDUE))
             if records == []:

@@ -120,6 +120,8 @@ class TailFetcher:
         self._kept_bytes = 0
         self._low = start
         self._next = start  # the offset the next request asks for
+        # (send time, high watermark) of the answer to the latest request sent
+        self._end: tuple[float, int] = (0.0, 0)
         self.failure: str | None = None
         self.unsupported = False  # the failure is the log's format: trying again cannot help
         self.last_take = time.monotonic()
@@ -142,6 +144,16 @@ class TailFetcher:
         """Whether records from `start` on are (or will be) served here."""
         with self._cond:
             return self.failure is None and self._low <= start <= self._next
+
+    def end_since(self, since: float) -> int | None:
+        """The log's end (high watermark) as a request sent at or after `since` found it, if any.
+
+        The broker answered such a request after `since`, so every record
+        that existed at `since` lies below it: a reader whose wait is over
+        learns whether records it has not got exist, without asking again.
+        """
+        sent_at, high = self._end
+        return high if sent_at >= since else None
 
     def in_use(self, within: float) -> bool:
         """Whether a reader waits in `take` now, or took within the last `within` seconds."""
@@ -269,7 +281,8 @@ class TailFetcher:
         conn = self._free.popleft()
         self._correlation = (self._correlation + 1) & 0x7FFFFFFF
         conn.correlation = self._correlation
-        conn.due = time.monotonic() + max_wait_ms / 1000 + self.connect_timeout
+        conn.sent_at = time.monotonic()
+        conn.due = conn.sent_at + max_wait_ms / 1000 + self.connect_timeout
         self._busy.add(conn)
         try:
             conn.sock.sendall(self._request(self._correlation, self._next, max_wait_ms, max_bytes))
@@ -355,9 +368,9 @@ class TailFetcher:
                 raise TailStopped("an answer to a request that was not asked")
             self._busy.discard(conn)
             self._free.append(conn)
-            self._answer(frame)
+            self._answer(frame, conn.sent_at)
 
-    def _answer(self, frame: bytes) -> None:
+    def _answer(self, frame: bytes, sent_at: float) -> None:
         # correlation id, throttle time, one topic: name, one partition
         pos = 8
         topics = struct.unpack_from(">i", frame, pos)[0]
@@ -370,6 +383,9 @@ class TailFetcher:
             raise TailStopped(f"an answer about {partitions} partitions")
         if error:
             raise TailStopped(f"the broker answered a fetch with error code {error}")
+        high = struct.unpack_from(">q", frame, pos + 10)[0]
+        if sent_at >= self._end[0]:
+            self._end = (sent_at, high)
         pos += 10 + 16  # past count, index, error, high watermark, last stable offset
         aborted = struct.unpack_from(">i", frame, pos)[0]
         if aborted > 0:
@@ -479,7 +495,7 @@ class TailFetcher:
 
 
 class _Connection:
-    __slots__ = ("correlation", "due", "pending", "sock")
+    __slots__ = ("correlation", "due", "pending", "sent_at", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -488,6 +504,7 @@ class _Connection:
         self.pending = bytearray()
         self.correlation = -1
         self.due = 0.0  # when the answer to the request in flight is overdue
+        self.sent_at = 0.0  # when the request in flight was sent
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

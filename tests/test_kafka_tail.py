@@ -291,3 +291,19 @@ def test_fetcher_asks_nothing_while_nobody_reads(
             assert tail.requests > before
         finally:
             tail.close()
+
+
+def test_a_record_acknowledged_before_a_short_read_is_returned(
+    volume_logs: tuple[KafkaLog, KafkaLog, KafkaLog],
+) -> None:
+    """The read contract at the tail: records that exist when a read starts are returned,
+    however short its timeout, whether the fetcher already has them or not."""
+    writer, follower, _plain = volume_logs
+    at = writer.append(b"start")
+    follow(follower, at, at)
+    for i in range(30):
+        assert follower.read(at + 1, max_records=10, timeout=0.01) == []
+        at = writer.append(f"r{i}".encode())
+        got = follower.read(at, max_records=10, timeout=0.001)
+        assert [r.payload for r in got] == [f"r{i}".encode()], i
+    assert follower._tail is not None and follower._tail.failure is None
