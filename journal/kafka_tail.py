@@ -98,6 +98,7 @@ class TailFetcher:
         client_id: str = "tidefs-tail",
     ) -> None:
         self.address = address
+        self._where = f"the broker at {address[0]}:{address[1]}"
         self.topic = topic
         self.interval = interval
         self.max_connections = max_connections
@@ -248,18 +249,12 @@ class TailFetcher:
     def _check_answered(self) -> None:
         """Stop if a request went unanswered: a link that drops packets closes nothing."""
         now = time.monotonic()
-        for conn in self._busy:
-            if now > conn.due:
-                raise TailStopped(
-                    f"no answer from the broker at {self.address[0]}:{self.address[1]} "
-                    f"within {self.connect_timeout:g}s"
-                )
-        for conn in self._connecting:
-            if now > conn.due:
-                raise TailStopped(
-                    f"cannot connect to the broker at {self.address[0]}:{self.address[1]} "
-                    f"within {self.connect_timeout:g}s"
-                )
+        for conns, what in (
+            (self._busy, "no answer from"),
+            (self._connecting, "cannot connect to"),
+        ):
+            if any(now > conn.due for conn in conns):
+                raise TailStopped(f"{what} {self._where} within {self.connect_timeout:g}s")
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # already gone: nothing left to wake
@@ -294,16 +289,14 @@ class TailFetcher:
 
     def _connect(self) -> None:
         """Start connecting one more connection, without blocking this thread."""
-        host, port = self.address
-        family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
-            0
-        ]
+        found = socket.getaddrinfo(*self.address, type=socket.SOCK_STREAM)
+        family, kind, proto, _name, addr = found[0]
         conn = _Connection(socket.socket(family, kind, proto))
         conn.due = time.monotonic() + self.connect_timeout
         err = conn.sock.connect_ex(addr)
         if err not in (0, errno.EINPROGRESS):
             conn.sock.close()
-            raise OSError(err, f"cannot connect to the broker at {host}:{port}: {os.strerror(err)}")
+            raise self._refused(err)
         self._connecting.add(conn)
         self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
 
@@ -313,10 +306,12 @@ class TailFetcher:
         if err:
             self._selector.unregister(conn.sock)
             conn.sock.close()
-            host, port = self.address
-            raise OSError(err, f"cannot connect to the broker at {host}:{port}: {os.strerror(err)}")
+            raise self._refused(err)
         self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
         self._free.append(conn)
+
+    def _refused(self, err: int) -> OSError:
+        return OSError(err, f"cannot connect to {self._where}: {os.strerror(err)}")
 
     def _drop(self, conn: _Connection, why: object) -> None:
         """Forget a broken connection; its request, if any, is asked again by the next one."""
