@@ -62,10 +62,10 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -116,20 +116,29 @@ class Done:
     note: str = ""
 
 
+T = TypeVar("T")
+
+
 def _deadline() -> float:
     """The wall-clock time (`time.time()`) by which this worker stops starting operations."""
     return float(os.environ.get("BENCH_DEADLINE", "inf"))
 
 
+def _in_time(items: Iterable[T]) -> Iterator[T]:
+    """`items`, as long as the worker's deadline has not passed before the next one."""
+    deadline = _deadline()
+    for item in items:
+        if time.time() >= deadline:
+            return
+        yield item
+
+
 def _seq_write(d: Path, s: Scale) -> Done:
     block = random.Random(0).randbytes(MIB)
-    deadline = _deadline()
     written = 0
     started = time.perf_counter()
     fd = os.open(d / "big", os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o644)
-    for _ in range(s.big_mib):
-        if time.time() >= deadline:
-            break
+    for _ in _in_time(range(s.big_mib)):
         os.write(fd, block)
         written += 1
     os.fsync(fd)
@@ -157,13 +166,10 @@ def _overwrite(d: Path, s: Scale) -> Done:
     size = os.stat(d / "big").st_size
     offsets = [rng.randrange(0, size - 4096) & ~4095 for _ in range(s.overwrites)]
     page = rng.randbytes(4096)
-    deadline = _deadline()
     done = 0
     fd = os.open(d / "big", os.O_WRONLY)
     started = time.perf_counter()
-    for off in offsets:
-        if time.time() >= deadline:
-            break
+    for off in _in_time(offsets):
         os.pwrite(fd, page, off)
         os.fsync(fd)
         done += 1
@@ -175,12 +181,9 @@ def _overwrite(d: Path, s: Scale) -> Done:
 def _append(d: Path, s: Scale) -> Done:
     line = b"x" * 1023 + b"\n"
     path = d / "appended.log"
-    deadline = _deadline()
     done = 0
     started = time.perf_counter()
-    for _ in range(s.appends):
-        if time.time() >= deadline:
-            break
+    for _ in _in_time(range(s.appends)):
         fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o644)
         os.write(fd, line)
         os.close(fd)
@@ -209,13 +212,10 @@ def _csu(d: Path, s: Scale, threads: int, shared: bool) -> Done:
         sub.mkdir(exist_ok=True)
     errors: list[BaseException] = []
     done = [0] * threads
-    deadline = _deadline()
 
     def work(t: int) -> None:
         try:
-            for i in range(t, s.files, threads):
-                if time.time() >= deadline:
-                    return
+            for i in _in_time(range(t, s.files, threads)):
                 p = dirs[t] / f"f{i}"
                 os.close(os.open(p, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
                 os.stat(p)
@@ -255,12 +255,9 @@ def _csu8s(d: Path, s: Scale) -> Done:
 def _mkfiles(d: Path, s: Scale) -> Done:
     tree = d / "tree"
     tree.mkdir()
-    deadline = _deadline()
     done = 0
     started = time.perf_counter()
-    for i in range(s.files):
-        if time.time() >= deadline:
-            break
+    for i in _in_time(range(s.files)):
         os.close(os.open(tree / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644))
         done += 1
     return Done(done, time.perf_counter() - started, s.files)
@@ -341,12 +338,9 @@ def _raw_store(d: Path, s: Scale) -> Done:
     from tidefs.replica.store import open_store
 
     store = open_store(os.environ["BENCH_STORE_URL"])
-    deadline = _deadline()
     total = 0
     started = time.perf_counter()
-    for key in list(store.list()):
-        if time.time() >= deadline:
-            break
+    for key in _in_time(list(store.list())):
         total += len(store.get_block(key))
     elapsed = time.perf_counter() - started
     store.close()
