@@ -6,7 +6,7 @@ setup:
 
 # (1) Set up, then run a volume mounted in two regions on this machine.
 demo:
-	TIDEFS_SKIP_KAFKA=1 scripts/setup
+	TIDEFS_SETUP=runtime scripts/setup
 	scripts/demo
 
 demo-stop:

@@ -21,6 +21,8 @@ Fixtures:
   in their own subdirectories of it.
 - `store_mount` (function): a fresh mounted volume on each store backend
   (`store_url`: a directory, then S3).
+- `public_store_mount` (function): the same under a short path that other
+  users can reach (for tests that switch users or bind unix sockets).
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ import ctypes
 import errno
 import os
 import select
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -253,6 +257,25 @@ def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TidefsMou
 def store_mount(mount_factory: MountFactory, store_url: str) -> TidefsMount:
     """A fresh volume mounted on each store backend (a directory, then S3)."""
     return mount_factory(store_url)
+
+
+@pytest.fixture
+def public_store_mount(store_url: str) -> Iterator[TidefsMount]:
+    """Like `store_mount`, under a short path that every user can traverse.
+
+    A test's own directory is private to its user and deep: other users could
+    not reach a mount inside it, and unix socket paths (108 bytes at most)
+    would not fit.
+    """
+    if not fuse_available():
+        pytest.skip("no /dev/fuse or fusermount3")
+    base = Path(tempfile.mkdtemp(prefix="tidefs-"))
+    try:
+        base.chmod(0o755)
+        with _factory(base) as make:
+            yield make(store_url)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 # -- the oracle: the same call on tidefs and on a local directory ---------------
