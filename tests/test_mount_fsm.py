@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from tests.harness.mount import (
     RENAME_EXCHANGE,
@@ -137,11 +137,13 @@ class FileOperations(RuleBasedStateMachine):
 
 def test_file_operations_state_machine(shared_mount: TidefsMount) -> None:
     FileOperations.mount = shared_mount
-    machine = settings(
-        max_examples=40,
-        stateful_step_count=30,
-        deadline=None,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )(FileOperations)
-    machine.TestCase().runTest()
+    run_state_machine_as_test(
+        FileOperations,
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=30,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )

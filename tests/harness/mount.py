@@ -17,8 +17,9 @@ Fixtures:
 - `mount_factory` (function): `make(store_url=None, **options) -> TidefsMount`
   formats a fresh volume and mounts it; everything is torn down afterwards.
 - `tidefs_mount` (function): one fresh mounted volume on a directory store.
-- `shared_mount` (module): one mounted volume for a whole module; tests work
-  in their own subdirectories of it.
+- `shared_mount` (module, parametrized "file" and "s3"): one mounted volume
+  for a whole module on each block store; tests work in their own
+  subdirectories of it.
 - `store_mount` (function): a fresh mounted volume on each store backend
   (`store_url`: a directory, then S3).
 - `public_store_mount` (function): the same under a short path that other
@@ -46,6 +47,7 @@ from typing import Any
 
 import pytest
 
+from tests.harness.s3 import FAKE_AWS_ENV
 from tidefs.fs.mount import umount
 from tidefs.fs.volume import format_volume
 from tidefs.journal.commands import Region
@@ -244,13 +246,28 @@ def tidefs_mount(mount_factory: MountFactory) -> TidefsMount:
     return mount_factory()
 
 
-@pytest.fixture(scope="module")
-def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TidefsMount]:
-    """One mounted volume for a whole test module."""
+@pytest.fixture(scope="module", params=["file", pytest.param("s3", marks=pytest.mark.s3)])
+def shared_mount(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TidefsMount]:
+    """One mounted volume for a whole test module, on each block store (a directory, then S3)."""
     if not fuse_available():
         pytest.skip("no /dev/fuse or fusermount3")
-    with _factory(tmp_path_factory.mktemp("shared")) as make:
-        yield make()
+    with contextlib.ExitStack() as stack:
+        store_url = None
+        if request.param == "s3":
+            server = request.getfixturevalue("s3_server")
+            env = stack.enter_context(pytest.MonkeyPatch.context())
+            for name in [n for n in os.environ if n.startswith("AWS_")]:
+                env.delenv(name)
+            for name, value in FAKE_AWS_ENV.items():
+                env.setenv(name, value)  # the mount process inherits them
+            server.start()
+            bucket = server.create_bucket()
+            stack.callback(server.drop_bucket, bucket)
+            store_url = server.store_url(bucket)
+        make = stack.enter_context(_factory(tmp_path_factory.mktemp("shared")))
+        yield make(store_url)
 
 
 @pytest.fixture
