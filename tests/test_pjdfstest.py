@@ -73,7 +73,7 @@ def parse(output: str) -> Report:
 
 def _users() -> list[tuple[str, str]]:
     """Two unprivileged users of this machine, each with its own primary group."""
-    found = []
+    found: list[tuple[str, str]] = []
     for name in ("nobody", "daemon", "bin", "sys"):
         try:
             user = pwd.getpwnam(name)
