@@ -28,10 +28,11 @@ import contextlib
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyfuse3
+import trio
 
 from tidefs.journal.commands import (
     Command,
@@ -49,28 +50,200 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class OwnRequests:
-    """Submits commands under request ids it remembers until they are applied; thread-safe."""
+class _Request:
+    """One command waiting in the committer's queue, and how to tell its caller the outcome."""
 
-    def __init__(self, replica: Replica) -> None:
+    __slots__ = ("command", "done", "error", "event", "outcome", "ready", "request_id", "token")
+
+    def __init__(self, command: Command, request_id: bytes) -> None:
+        self.command = command
+        self.request_id = request_id
+        self.outcome: Outcome | None = None
+        self.error: BaseException | None = None
+        self.ready: Callable[[], bool] | None = None
+        """Asked just before the append: False drops the command (outcome stays None)."""
+        self.done: Callable[[_Request], None] | None = None
+        """Called on the committer thread once the outcome (or error) is known."""
+        self.event: trio.Event | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+
+
+class OwnRequests:
+    """Submits this mount's commands under request ids it remembers until they are applied.
+
+    It is the mount's committer: callers queue commands, and one thread
+    takes everything queued, appends it as one batch (one transaction, one
+    fsync), folds it (`Replica.submit_many`) and hands each caller its
+    outcome. With many calls in flight the append, the fold and the
+    wake-ups are paid once per batch, not once per command. A call from the
+    trio thread (`submit_async`) queues without a worker thread of its own,
+    and the callers of one trio run are woken together by one
+    `run_sync_soon`. Thread-safe.
+    """
+
+    def __init__(self, replica: Replica, *, max_batch: int = 256) -> None:
         self.replica = replica
+        self.max_batch = max_batch
         self._lock = threading.Lock()
         self._ids: set[bytes] = set()
+        self._cond = threading.Condition()
+        self._queue: list[_Request] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.batches = 0
+        """How many batches the committer appended (fewer than commands when it batched)."""
 
     def submit(self, command: Command, request_id: bytes | None = None) -> Outcome:
-        """Submit through the replica, with the request id marked as this mount's."""
-        rid = request_id or new_request_id()
-        with self._lock:
-            self._ids.add(rid)
-        try:
-            return self.replica.submit(command, request_id=rid)
-        finally:
-            with self._lock:
-                self._ids.discard(rid)
+        """Submit and wait for the outcome (any thread but the trio thread)."""
+        req = _Request(command, request_id or new_request_id())
+        finished = threading.Event()
+        req.done = lambda _req: finished.set()
+        if not self._enqueue(req):
+            return self._submit_direct(req)
+        finished.wait()
+        return self._result(req)
+
+    async def submit_async(self, command: Command, request_id: bytes | None = None) -> Outcome:
+        """Submit from the trio thread and wait for the outcome without a worker thread."""
+        req = _Request(command, request_id or new_request_id())
+        req.event = trio.Event()
+        req.token = trio.lowlevel.current_trio_token()
+        if not self._enqueue(req):
+            return await trio.to_thread.run_sync(self._submit_direct, req)
+        with trio.CancelScope(shield=True):  # the command is on its way: wait for its outcome
+            await req.event.wait()
+        return self._result(req)
+
+    def submit_later(
+        self,
+        command: Command,
+        done: Callable[[Outcome | None, BaseException | None], None],
+        ready: Callable[[], bool] | None = None,
+    ) -> None:
+        """Queue a command nobody waits for; `done(outcome, error)` runs on the committer thread.
+
+        `ready()` is asked just before the append; if it says False the command is
+        dropped and `done(None, None)` is called.
+        """
+        req = _Request(command, new_request_id())
+        req.ready = ready
+        req.done = lambda r: done(r.outcome, r.error)
+        if not self._enqueue(req):
+            if ready is None or ready():
+                with contextlib.suppress(Exception):  # reported through done()
+                    self._submit_direct(req)
+            done(req.outcome, req.error)
 
     def all_mine(self, request_ids: Sequence[bytes]) -> bool:
         with self._lock:
             return all(rid in self._ids for rid in request_ids)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Commit what is queued, then stop the committer; later calls submit directly."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # -- the committer ---------------------------------------------------------------
+
+    def _enqueue(self, req: _Request) -> bool:
+        """Queue `req` for the committer (starting it on first use); False once closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._queue.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="tidefs-committer", daemon=True
+                )
+                self._thread.start()
+            elif len(self._queue) == 1:
+                self._cond.notify()
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+            self._commit(batch)
+
+    def _commit(self, batch: list[_Request]) -> None:
+        """Append, fold and answer one batch (committer thread); never raises."""
+        todo = [req for req in batch if req.ready is None or _ready(req)]
+        with self._lock:
+            self._ids.update(req.request_id for req in todo)
+        try:
+            outcomes = self.replica.submit_many([(r.command, r.request_id) for r in todo])
+            for req, outcome in zip(todo, outcomes, strict=True):
+                req.outcome = outcome
+        except Exception as exc:
+            for req in todo:
+                req.error = exc
+        finally:
+            with self._lock:
+                self._ids.difference_update(req.request_id for req in todo)
+        self.batches += 1
+        _finish(batch)
+
+    def _submit_direct(self, req: _Request) -> Outcome:
+        """Submit one command on the caller's thread (after close)."""
+        with self._lock:
+            self._ids.add(req.request_id)
+        try:
+            req.outcome = self.replica.submit(req.command, request_id=req.request_id)
+            return req.outcome
+        except Exception as exc:
+            req.error = exc
+            raise
+        finally:
+            with self._lock:
+                self._ids.discard(req.request_id)
+
+    @staticmethod
+    def _result(req: _Request) -> Outcome:
+        if req.error is not None:
+            raise req.error
+        assert req.outcome is not None  # only submit_later's commands may be dropped
+        return req.outcome
+
+
+def _ready(req: _Request) -> bool:
+    assert req.ready is not None
+    try:
+        return req.ready()
+    except Exception:
+        log.exception("readiness check of %s failed", type(req.command).__name__)
+        return False
+
+
+def _finish(batch: Sequence[_Request]) -> None:
+    """Tell every caller of `batch` its outcome: trio callers with one call per trio run."""
+    by_token: dict[trio.lowlevel.TrioToken, list[trio.Event]] = {}
+    for req in batch:
+        if req.token is not None and req.event is not None:
+            by_token.setdefault(req.token, []).append(req.event)
+        elif req.done is not None:
+            try:
+                req.done(req)
+            except Exception:
+                log.exception("completion of %s failed", type(req.command).__name__)
+    for token, events in by_token.items():
+        # RunFinishedError: the mount's loop is gone, nobody waits any more.
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(_set_all, events)
+
+
+def _set_all(events: Sequence[trio.Event]) -> None:
+    for event in events:
+        event.set()
 
 
 class ObservedState:

@@ -55,7 +55,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -412,6 +412,19 @@ class KafkaLog(Log):
 
     def append(self, payload: bytes, timestamp_ns: int | None = None) -> int:
         """Produce one record and return its offset once every in-sync replica has it."""
+        return self._delivered(self._produce(payload, timestamp_ns))
+
+    def append_many(self, entries: Sequence[tuple[bytes, int | None]]) -> list[int]:
+        """Produce records in this order, then wait for all their deliveries at once.
+
+        One partition and the idempotent producer keep them in this order;
+        librdkafka sends them in one or a few produce requests.
+        """
+        deliveries = [self._produce(payload, timestamp_ns) for payload, timestamp_ns in entries]
+        return [self._delivered(delivery) for delivery in deliveries]
+
+    def _produce(self, payload: bytes, timestamp_ns: int | None) -> _Delivery:
+        """Hand one record to the producer; return what its delivery report will fill in."""
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise TypeError(f"a record payload must be bytes, not {type(payload).__name__}")
         data = bytes(payload)
@@ -439,7 +452,7 @@ class KafkaLog(Log):
                     headers=[(TIMESTAMP_HEADER, timestamp_ns.to_bytes(8, "big"))],
                     on_delivery=delivery,
                 )
-                break
+                return delivery
             except BufferError:
                 # The local queue is full: the poller is draining it; wait, but not forever.
                 if time.monotonic() >= deadline:
@@ -449,6 +462,9 @@ class KafkaLog(Log):
                 time.sleep(0.005)
             except KafkaException as exc:
                 raise self._unavailable(f"cannot append to {self.topic}", exc) from exc
+
+    def _delivered(self, delivery: _Delivery) -> int:
+        """Wait for a produced record's delivery report; return its offset."""
         # librdkafka fails a message after message.timeout.ms, so the report
         # comes within `timeout`; the extra second only covers a stalled poller.
         if not delivery.done.wait(self.timeout + 1.0):

@@ -9,6 +9,7 @@ durable, which is what lets a FUSE call acknowledge a mutation (invariant 5).
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
@@ -46,6 +47,17 @@ class Log(abc.ABC):
         Concurrent callers are batched into one durable write (group commit).
         Raises JournalUnavailable after the backend's timeout, never hangs.
         """
+
+    def append_many(self, entries: Sequence[tuple[bytes, int | None]]) -> list[int]:
+        """Append `(payload, timestamp_ns)` records in this order and return their offsets.
+
+        A backend that can makes them durable in one write (SQLite: one
+        transaction; Kafka: one wait for every delivery), so that a committer
+        gathering the commands of many callers pays one round trip for all of
+        them. Other appends may still land between them: offsets are in order,
+        not necessarily consecutive. This default appends one at a time.
+        """
+        return [self.append(payload, timestamp_ns) for payload, timestamp_ns in entries]
 
     @abc.abstractmethod
     def read(self, start: int, max_records: int = 1000, timeout: float = 0.0) -> list[Record]:

@@ -42,7 +42,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -351,6 +351,27 @@ class SqliteLog(Log):
                 return entry.result()
         self._lead()
         return entry.result()
+
+    def append_many(self, entries: Sequence[tuple[bytes, int | None]]) -> list[int]:
+        """Append records in this order in one transaction; return their (consecutive) offsets.
+
+        They are queued together, so whichever leader takes the queue commits
+        all of them in the same transaction, next to each other.
+        """
+        batch = [_Pending(_check_payload(p), _check_timestamp(t)) for p, t in entries]
+        if not batch:
+            return []
+        first = batch[0]
+        with self._cond:
+            self._check_open()
+            self._queue.extend(batch)
+            lead = not self._committing
+            self._committing = True
+        if not lead:
+            first.wake.acquire()
+        if not first.done:
+            self._lead()
+        return [pending.result() for pending in batch]
 
     def _lead(self) -> None:
         """Commit everything queued, then pass the lead to the oldest waiter, if any.

@@ -15,6 +15,7 @@ then raise `FoldStopped` instead of waiting forever.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -109,6 +110,8 @@ class Replica:
         self.batch = batch
         self.poll_timeout = poll_timeout
         self._cond = threading.Condition()
+        self._fold_lock = threading.Lock()
+        """Held while a batch is applied: by the follower, or by `submit_many` folding its own."""
         self._listeners: list[Listener] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -149,6 +152,8 @@ class Replica:
         self._paused.set()
         if self._thread is not None and self._thread.is_alive():
             self._parked.wait(timeout)
+        with self._fold_lock:  # a `submit_many` folding its own batch has finished too
+            pass
 
     def resume(self) -> None:
         """Fold again after `pause`."""
@@ -196,6 +201,17 @@ class Replica:
         records = self.log.read(start, max_records=self.batch, timeout=timeout)
         if not records:
             return 0
+        with self._fold_lock:
+            # `submit_many` may have folded some of them while this thread read.
+            applied = self.state.applied_offset()
+            records = [r for r in records if r.offset > applied]
+            if not records:
+                return 0
+            self._apply(records)
+        return len(records)
+
+    def _apply(self, records: Sequence[Record]) -> None:
+        """Fold `records` (fold lock held), tell the listeners, and wake the waiters."""
         result = apply_records(self.state, records)
         self.last_record_ns = records[-1].timestamp_ns
         self.applied_at_ns = time.time_ns()
@@ -207,7 +223,6 @@ class Replica:
                 log.exception("apply listener failed")
         with self._cond:
             self._cond.notify_all()
-        return len(records)
 
     # -- waiting -----------------------------------------------------------
 
@@ -240,6 +255,88 @@ class Replica:
         return target
 
     # -- writing -----------------------------------------------------------
+
+    def submit_many(
+        self,
+        commands: Sequence[tuple[Command, bytes]],
+        *,
+        timeout: float = 60.0,
+    ) -> list[Outcome]:
+        """Submit `(command, request id)` pairs as one append; return their outcomes in order.
+
+        This is `submit` for a committer that gathered the commands of many
+        callers: one durable write (`Log.append_many`) and one fold for all
+        of them. When the records landed right after the applied offset, this
+        thread folds them itself from the payloads it holds, exactly as the
+        follower would have from the log (same records, same order, same
+        batch rules), and the follower finds them applied; otherwise (another
+        writer's records came first, or the fold is paused) it waits for the
+        follower as `submit` does.
+        """
+        if self.error is not None:
+            raise FoldStopped(str(self.error))
+        if not commands:
+            return []
+        now = time.time_ns()
+        envs = [
+            Envelope(command=cmd, origin=self.region, timestamp_ns=now, request_id=rid)
+            for cmd, rid in commands
+        ]
+        entries: list[tuple[bytes, int | None]] = [(codec.encode(e), now) for e in envs]
+        deadline = time.monotonic() + timeout
+        with telemetry.tracer.start_as_current_span(
+            telemetry.SPAN_SUBMIT,
+            attributes={telemetry.ATTR_COMMAND: "batch", **telemetry.attrs()},
+        ) as span:
+            while True:
+                started = time.perf_counter()
+                try:
+                    offsets = self.log.append_many(entries)
+                    break
+                except JournalUnavailable:
+                    # Some may have landed: the retry carries the same request ids.
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.2)
+                finally:
+                    telemetry.append_duration.record(
+                        time.perf_counter() - started, telemetry.attrs()
+                    )
+            span.set_attribute(telemetry.ATTR_OFFSET, offsets[-1])
+            records = [
+                Record(offset, now, payload)
+                for offset, (payload, _) in zip(offsets, entries, strict=True)
+            ]
+            self._fold_own(records)
+            if not self.wait_applied(offsets[-1], max(0.0, deadline - time.monotonic())):
+                raise SubmitTimeout(
+                    f"command at offset {offsets[-1]} not applied by region {self.region} "
+                    f"in {timeout}s"
+                )
+        outcomes = []
+        for env, offset in zip(envs, offsets, strict=True):
+            outcome = self.state.outcome(env.request_id)
+            if outcome is None:  # pragma: no cover - the fold records every outcome
+                raise ReplicaError(f"no outcome recorded for the command at offset {offset}")
+            outcomes.append(outcome)
+        return outcomes
+
+    def _fold_own(self, records: Sequence[Record]) -> None:
+        """Fold records just appended here if they directly follow the applied offset."""
+        if any(b.offset != a.offset + 1 for a, b in itertools.pairwise(records)):
+            return  # other records landed between them: the follower folds them all
+        with self._fold_lock:
+            if self._paused.is_set() or self.error is not None:
+                return
+            if self.state.applied_offset() != records[0].offset - 1:
+                return  # the follower is behind (it folds ours next) or already past them
+            for i in range(0, len(records), self.batch):
+                try:
+                    self._apply(records[i : i + self.batch])
+                except Exception as exc:  # as the follower would: stop, never guess
+                    log.exception("fold of appended records failed")
+                    self._fail(FoldStopped(f"fold failed: {exc!r}"))
+                    raise FoldStopped(str(exc)) from exc
 
     def submit(
         self,

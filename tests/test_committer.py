@@ -1,0 +1,268 @@
+"""The mount's committer: many callers' commands appended as one batch and folded once.
+
+`Log.append_many` is part of the log contract (both backends); `OwnRequests`
+gathers commands from threads and from trio tasks into batches that
+`Replica.submit_many` appends and folds. What callers rely on: each gets the
+outcome the fold decided for its own command (one `EEXIST` among racing
+exclusive creates), a pause of the fold still holds back every change, and
+the state stays a pure function of the log: a region that replays the same
+log reaches the same digest.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from tidefs.fs.coherence import OwnRequests
+from tidefs.journal.commands import (
+    ROOT_INODE,
+    CreateVolume,
+    Mkdir,
+    Mknod,
+    Noop,
+    Outcome,
+    Region,
+    Rename,
+    Unlink,
+)
+from tidefs.journal.log import Log, Record, open_log
+from tidefs.journal.sqlite import SqliteLog
+from tidefs.replica.replica import Replica, fold_range
+from tidefs.replica.state import State
+
+REGIONS = (Region("a", "file:///unused-a"), Region("b", "file:///unused-b"))
+WAIT_BOUND = 30.0
+"""Seconds a bounded wait may take before the test fails (the target is milliseconds)."""
+
+
+def records_of(lg: Log) -> list[Record]:
+    out: list[Record] = []
+    start, head = 0, lg.head()
+    while start < head:
+        batch = lg.read(start, max_records=500, timeout=1.0)
+        if not batch:
+            break
+        out += batch
+        start = batch[-1].offset + 1
+    return out
+
+
+@pytest.fixture
+def region_a(
+    journal_url: str, journal_volume: str, tmp_path: Path
+) -> Iterator[tuple[Replica, OwnRequests]]:
+    replica = Replica(open_log(journal_url, journal_volume), State.open(tmp_path / "a"), "a")
+    replica.start()
+    own = OwnRequests(replica)
+    assert own.submit(CreateVolume(name=journal_volume, regions=REGIONS, primary="a")).ok
+    yield replica, own
+    own.close()
+    replica.stop()
+    replica.state.close()
+    replica.log.close()
+
+
+# -- the log: append_many --------------------------------------------------------------
+
+
+def test_append_many_keeps_order_payloads_and_timestamps(
+    journal_url: str, journal_volume: str
+) -> None:
+    with open_log(journal_url, journal_volume) as lg:
+        first = lg.append(b"solo")
+        entries: list[tuple[bytes, int | None]] = [
+            (f"batch-{i}".encode(), 1_700_000_000_000_000_000 + i) for i in range(50)
+        ]
+        offsets = lg.append_many(entries)
+        assert lg.append_many([]) == []
+        assert len(offsets) == 50
+        assert offsets[0] > first
+        assert all(b > a for a, b in itertools.pairwise(offsets))
+        by_offset = {r.offset: r for r in records_of(lg)}
+        for offset, (payload, ts) in zip(offsets, entries, strict=True):
+            assert by_offset[offset].payload == payload
+            assert by_offset[offset].timestamp_ns == ts
+        assert [r.payload for r in by_offset.values()] == [b"solo"] + [p for p, _ in entries]
+
+
+def test_sqlite_append_many_is_one_run_of_offsets_among_concurrent_appends(
+    tmp_path: Path,
+) -> None:
+    lg = SqliteLog(tmp_path / "log.db", "v")
+    runs: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def batches(t: int) -> None:
+        try:
+            for i in range(20):
+                runs.append(lg.append_many([(b"m%d-%d-%d" % (t, i, k), None) for k in range(5)]))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def singles(t: int) -> None:
+        try:
+            for i in range(40):
+                lg.append(b"s%d-%d" % (t, i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=batches, args=(t,)) for t in range(4)]
+    threads += [threading.Thread(target=singles, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors
+        # A committer folds its batch itself only if it is one run: never split by others.
+        for run in runs:
+            assert run == list(range(run[0], run[0] + 5))
+        assert lg.head() == 4 * 20 * 5 + 4 * 40
+        assert len({r.payload for r in records_of(lg)}) == lg.head()
+    finally:
+        lg.close()
+
+
+# -- the committer -------------------------------------------------------------------
+
+
+def test_threads_racing_through_the_committer_get_the_folds_outcomes(
+    region_a: tuple[Replica, OwnRequests], journal_url: str, journal_volume: str, tmp_path: Path
+) -> None:
+    replica, own = region_a
+    top = own.submit(Mkdir(ROOT_INODE, b"top", 0o40755, 0, 0))
+    assert top.ok
+    results: dict[tuple[int, int], Outcome] = {}
+    errors: list[BaseException] = []
+
+    def race(t: int) -> None:
+        try:
+            for i in range(30):
+                # Eight threads race for each name with an exclusive create: one wins.
+                results[(t, i)] = own.submit(Mknod(top.inode, b"f%d" % i, 0o100644, 0, 0, 0, True))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def tidy(t: int) -> None:
+        try:
+            for (who, i), outcome in sorted(results.items()):
+                if who == t and outcome.ok:
+                    name = b"f%d" % i
+                    if i % 3 == 0:
+                        assert own.submit(Unlink(top.inode, name)).ok
+                    else:
+                        assert own.submit(Rename(top.inode, name, top.inode, name + b".r")).ok
+        except BaseException as exc:
+            errors.append(exc)
+
+    for step in (race, tidy):
+        threads = [threading.Thread(target=step, args=(t,)) for t in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        if step is race:
+            for i in range(30):
+                outcomes = [results[(t, i)] for t in range(8)]
+                winners = [o for o in outcomes if o.ok]
+                assert len(winners) == 1, i
+                assert all(o.errno == errno.EEXIST for o in outcomes if not o.ok)
+                assert replica.state.lookup(top.inode, b"f%d" % i) == winners[0].inode
+    names = {name for _cookie, name, _ino in replica.state.readdir(top.inode)}
+    assert names == {b"f%d.r" % i for i in range(30) if i % 3}
+    # Read-your-writes: a winner's file is in the state when its call returned,
+    # and the state is the fold of the log: a replay from offset 0 agrees.
+    replay = State.open(tmp_path / "replay")
+    try:
+        applied = replica.barrier(timeout=WAIT_BOUND)
+        with open_log(journal_url, journal_volume) as lg:
+            assert fold_range(lg, replay, to_offset=applied) == applied
+        assert replica.state.applied_offset() == applied
+        assert replay.digest() == replica.state.digest()
+    finally:
+        replay.close()
+    assert own.batches < 8 * 30  # some commands shared an append
+
+
+def test_trio_tasks_are_answered_together_from_one_batch(
+    region_a: tuple[Replica, OwnRequests],
+) -> None:
+    replica, own = region_a
+    entered, gate = threading.Event(), threading.Event()
+    held: list[Outcome | None] = []
+
+    def ready() -> bool:
+        # Holds the committer on this batch until every task below has queued.
+        entered.set()
+        return gate.wait(WAIT_BOUND)
+
+    before = own.batches
+    own.submit_later(Noop("hold"), lambda outcome, _error: held.append(outcome), ready)
+    assert entered.wait(WAIT_BOUND)
+    outcomes: dict[int, Outcome] = {}
+
+    async def main() -> None:
+        async def create(i: int) -> None:
+            outcomes[i] = await own.submit_async(Mknod(ROOT_INODE, b"t%d" % i, 0o100644, 0, 0))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(32):
+                nursery.start_soon(create, i)
+            await trio.sleep(0)  # every task has queued its command before it waits
+            for _ in range(100):
+                await trio.sleep(0)
+            gate.set()
+
+    trio.run(main)
+    assert held and held[0] is not None and held[0].ok
+    assert all(outcomes[i].ok for i in range(32))
+    for i in range(32):
+        assert replica.state.lookup(ROOT_INODE, b"t%d" % i) == outcomes[i].inode
+    assert own.batches - before == 2  # the held batch, then all 32 tasks at once
+
+
+def test_a_paused_fold_holds_back_commands_from_the_committer(
+    region_a: tuple[Replica, OwnRequests],
+) -> None:
+    replica, own = region_a
+    applied = replica.state.applied_offset()
+    head = replica.log.head()
+    replica.pause()
+    got: list[Outcome] = []
+    worker = threading.Thread(
+        target=lambda: got.append(own.submit(Mkdir(ROOT_INODE, b"late", 0o40755, 0, 0)))
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + WAIT_BOUND
+        while replica.log.head() == head and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert replica.log.head() > head  # appended...
+        assert replica.state.applied_offset() == applied  # ...but not folded while paused
+        assert replica.state.lookup(ROOT_INODE, b"late") is None
+    finally:
+        replica.resume()
+        worker.join(WAIT_BOUND)
+    assert got and got[0].ok
+    assert replica.state.lookup(ROOT_INODE, b"late") == got[0].inode
+
+
+def test_commands_after_close_go_straight_to_the_replica(
+    region_a: tuple[Replica, OwnRequests],
+) -> None:
+    replica, own = region_a
+    own.close()
+    out = own.submit(Mkdir(ROOT_INODE, b"after", 0o40755, 0, 0))
+    assert out.ok and replica.state.lookup(ROOT_INODE, b"after") == out.inode
+    done: list[tuple[Outcome | None, BaseException | None]] = []
+    own.submit_later(Noop("x"), lambda o, e: done.append((o, e)))
+    assert done and done[0][0] is not None and done[0][0].ok
