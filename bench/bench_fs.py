@@ -18,7 +18,10 @@ Workloads (sizes of the full run; `--quick` and `--tiny` scale them down):
   blocks read straight from the block store (`BlockStore.get_block`, cold), the
   reference of the cold-read target;
 - 4 KiB overwrites at random offsets in that file, each `pwrite` + `fsync`
-  (latency per overwrite);
+  (latency per overwrite); on tidefs targets also the reference of that
+  figure, measured right after it: 4 KiB made durable straight in the store's
+  medium (a boto3 `put_object` on S3; `pwrite` + `fsync` of a local file
+  beside a directory store);
 - append 1 KiB x 1000: open with O_APPEND, write 1 KiB, close, 1000 times
   (each close makes the bytes visible to other regions);
 - create + stat + unlink 10,000 files: 1 thread; 8 threads with a directory
@@ -347,6 +350,53 @@ def _raw_store(d: Path, s: Scale) -> Done:
     return Done(total / MIB, elapsed, s.big_mib)
 
 
+def _raw_put(d: Path, s: Scale) -> Done:
+    """Write 4 KiB pages straight to the target's store medium: the overwrite's reference.
+
+    On S3, a boto3 `put_object` of a 4 KiB object with boto3's default
+    settings (a fresh key each time, as every overwrite makes a new block);
+    on a directory store, `pwrite` + `fsync` of 4 KiB in a file beside the
+    store. An overwrite through the mount cannot be faster than this and
+    also has the log append and the fold to wait for.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    url = urlsplit(os.environ["BENCH_STORE_URL"])
+    rng = random.Random(4)
+    page = rng.randbytes(4096)
+    done = 0
+    if url.scheme == "s3":
+        import boto3
+
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=query.get("endpoint"), region_name=query.get("region")
+        )
+        bucket, prefix = url.netloc, url.path.strip("/")
+        client.put_object(Bucket=bucket, Key=f"{prefix}-raw/warm-up", Body=page)  # connect
+        started = time.perf_counter()
+        for i in _in_time(range(s.overwrites)):
+            client.put_object(Bucket=bucket, Key=f"{prefix}-raw/{i}", Body=page)
+            done += 1
+        elapsed = time.perf_counter() - started
+        client.close()
+        return Done(done, elapsed, s.overwrites)
+    path = Path(url.path).parent / "raw-put"
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        offsets = [rng.randrange(0, 256) * 4096 for _ in range(s.overwrites)]
+        started = time.perf_counter()
+        for off in _in_time(offsets):
+            os.pwrite(fd, page, off)
+            os.fsync(fd)
+            done += 1
+        elapsed = time.perf_counter() - started
+    finally:
+        os.close(fd)
+        path.unlink()
+    return Done(done, elapsed, s.overwrites)
+
+
 WORKERS: dict[str, Callable[[Path, Scale], Done]] = {
     "seq_write": _seq_write,
     "seq_read": _seq_read,
@@ -362,6 +412,7 @@ WORKERS: dict[str, Callable[[Path, Scale], Done]] = {
     "load_pickle": _load_pickle,
     "copy_model": _copy_model,
     "raw_store": _raw_store,
+    "raw_put": _raw_put,
 }
 
 
@@ -598,6 +649,7 @@ WORKLOADS = {
         Workload("raw_store", "same blocks from the store, cold", "MiB/s"),
         Workload("seq_read_warm", "sequential read, warm", "MiB/s"),
         Workload("overwrite", "4 KiB overwrite + fsync", "ms", "overwrites"),
+        Workload("raw_put", "4 KiB straight to the store, durable", "ms", "overwrites"),
         Workload("append", "append 1 KiB (open, write, close)", "ops/s", "appends"),
         Workload("csu1", "create+stat+unlink, 1 thread", "files/s", "files"),
         Workload("csu8", "create+stat+unlink, 8 threads", "files/s", "files"),
@@ -652,7 +704,7 @@ def run_worker(name: str, target: Target, scale: str, env: dict[str, str], timeo
 def planned(key: str, s: Scale) -> float:
     """The amount workload `key` does when it runs to the end."""
     return {
-        "overwrite": s.overwrites, "append": s.appends, "csu1": s.files, "csu8": s.files,
+        "overwrite": s.overwrites, "raw_put": s.overwrites, "append": s.appends, "csu1": s.files, "csu8": s.files,
         "csu8s": s.files, "rename": 1, "tar": s.tree_files,
     }.get(key, s.model_mib if key.startswith(("safetensors", "pickle")) else s.big_mib)  # fmt: skip
 
@@ -672,7 +724,7 @@ def _figure(unit: str, amount: float, seconds: float) -> float:
     return amount / seconds
 
 
-SEQUENTIAL = ("seq_write", "raw_store", "seq_read_cold", "seq_read_warm", "overwrite")
+SEQUENTIAL = ("seq_write", "raw_store", "seq_read_cold", "seq_read_warm", "overwrite", "raw_put")
 GROUPS = {
     "seq": SEQUENTIAL,
     "meta": ("append", "csu1", "csu8", "csu8s", "rename"),
@@ -770,6 +822,8 @@ def bench_target(
             step("seq_read_warm", "seq_read")  # right after the cold read: its pages are cached
         if "overwrite" in wanted:
             step("overwrite", "overwrite")
+        if "raw_put" in wanted and target.store_url is not None:
+            step("raw_put", "raw_put")  # right after the overwrites, under the same load
     cleanup("big")
     for key in ("append", "csu1", "csu8", "csu8s"):
         if key in wanted:

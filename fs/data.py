@@ -757,12 +757,28 @@ class DataPath:
         ext = run.data
         nblocks = (ext.length + self.block_size - 1) // self.block_size
         pending = []
+        missing = []
         for b in range(nblocks):
             fut = ext.uploads.get(b)
             if fut is None or (fut.done() and fut.exception() is not None):
-                fut = ext.uploads[b] = self._io.submit(
-                    self._upload, ext.slice_id, b, ext.payload(b)
-                )
+                missing.append(b)
+            else:
+                pending.append(fut)
+        for b in missing[:-1]:
+            fut = ext.uploads[b] = self._io.submit(self._upload, ext.slice_id, b, ext.payload(b))
+            pending.append(fut)
+        if missing:
+            # This thread uploads the last block itself: the one block of a small
+            # flush (an fsync after a page write) then waits for no hand-over to
+            # the I/O pool and back (0.1-0.6 ms of an overwrite's 10 on S3).
+            b = missing[-1]
+            fut = ext.uploads[b] = Future()
+            try:
+                self._upload(ext.slice_id, b, ext.payload(b))
+            except Exception as error:
+                fut.set_exception(error)
+            else:
+                fut.set_result(None)
             pending.append(fut)
         for fut in pending:
             exc = fut.exception()
