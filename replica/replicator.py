@@ -26,6 +26,14 @@ read that history: it queues the live slices the state names and follows the
 log from the state's offset on. The history would name every slice ever
 deleted too, and a trimmed log no longer holds all of it.
 
+While the volume has no region but this one, there is nothing to copy: the
+fold accepts only slices whose home is a region of the volume, and regions
+are only ever added. The replicator then reads no record at all (reading and
+decoding every command a busy mount writes cost it ~15% of that mount's CPU)
+and moves its position along with the state's applied offset instead; once
+the state shows a second region it reads the log again from there, starting
+with the `AddRegion` record.
+
 Progress lives in a small RocksDB of the replicator's own (`progress_dir`):
 the last log offset it has read, the regions' store URLs it learned from the
 log, and the pending set, one key per block. New pending blocks and the new
@@ -120,6 +128,9 @@ STATE_POLL_S = 0.002
 
 LOG_POLL_BUSY_S = 0.05
 """Least time between two log reads while copies are running (a Kafka read costs an RPC)."""
+
+ALONE_POLL_S = 0.05
+"""How often a replicator with no other region moves its position to the state's."""
 
 STATE_SUBDIR = "state"
 PROGRESS_SUBDIR = "progress"
@@ -767,6 +778,8 @@ class Replicator:
         if self._error is not None:
             self._stop.wait(timeout if math.isfinite(timeout) else self.poll_timeout)
             return 0
+        if self._follow_state_alone(timeout):
+            return 0
         started = time.monotonic()
         try:
             records = self.log.read(self._position + 1, max_records=self.batch, timeout=timeout)
@@ -785,6 +798,26 @@ class Replicator:
             return 0
         self._take(records)
         return len(records)
+
+    def _follow_state_alone(self, timeout: float) -> bool:
+        """Without another region, move the position to the state's and wait; False otherwise.
+
+        The applied offset is read before the volume, so that every record up
+        to it was folded while this region was the only one (see module doc).
+        """
+        if self._pending:
+            return False
+        applied = self.state.applied_offset()
+        vol = self.state.volume()
+        if vol is None or [r.name for r in vol.regions] != [self.local_region]:
+            return False
+        if applied > self._position:
+            self._progress.commit(applied, {}, [])
+            with self._lock:
+                self._position = applied
+        self._last_read = time.monotonic()
+        self._stop.wait(min(timeout, ALONE_POLL_S))
+        return True
 
     def _take(self, records: list[Record]) -> None:
         added: list[PendingBlock] = []
