@@ -50,10 +50,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+LAZY_DELAY_S = 0.05
+"""Longest wait of a command nobody waits for (a Reclaim) for a batch to join.
+
+Removing a file queues its Reclaim behind the unlink; alone, it would cost a
+batch (an append, a fold, the follower's wake-up) of its own per file."""
+
+
 class _Request:
     """One command waiting in the committer's queue, and how to tell its caller the outcome."""
 
-    __slots__ = ("command", "done", "error", "event", "outcome", "ready", "request_id", "token")
+    __slots__ = (
+        "command",
+        "done",
+        "error",
+        "event",
+        "lazy",
+        "outcome",
+        "ready",
+        "request_id",
+        "token",
+    )
 
     def __init__(self, command: Command, request_id: bytes) -> None:
         self.command = command
@@ -66,6 +83,8 @@ class _Request:
         """Called on the committer thread once the outcome (or error) is known."""
         self.event: trio.Event | None = None
         self.token: trio.lowlevel.TrioToken | None = None
+        self.lazy = False
+        """Nobody waits for it: it rides with the next batch, or goes after LAZY_DELAY_S."""
 
 
 class OwnRequests:
@@ -88,6 +107,8 @@ class OwnRequests:
         self._ids: set[bytes] = set()
         self._cond = threading.Condition()
         self._queue: list[_Request] = []
+        self._waited_for = 0
+        """How many queued requests have a caller waiting (not lazy)."""
         self._thread: threading.Thread | None = None
         self._closed = False
         self.batches = 0
@@ -123,9 +144,11 @@ class OwnRequests:
         """Queue a command nobody waits for; `done(outcome, error)` runs on the committer thread.
 
         `ready()` is asked just before the append; if it says False the command is
-        dropped and `done(None, None)` is called.
+        dropped and `done(None, None)` is called. The command does not start a
+        batch of its own: it joins the next one, or goes after `LAZY_DELAY_S`.
         """
         req = _Request(command, new_request_id())
+        req.lazy = True
         req.ready = ready
         req.done = lambda r: done(r.outcome, r.error)
         if not self._enqueue(req):
@@ -155,24 +178,30 @@ class OwnRequests:
             if self._closed:
                 return False
             self._queue.append(req)
+            if not req.lazy:
+                self._waited_for += 1
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="tidefs-committer", daemon=True
                 )
                 self._thread.start()
-            elif len(self._queue) == 1:
-                self._cond.notify()
+            elif len(self._queue) == 1 or (self._waited_for == 1 and not req.lazy):
+                self._cond.notify()  # an idle committer starts waiting (lazy) or committing
         return True
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
+                while not self._waited_for and not self._closed:
+                    if not self._queue:
+                        self._cond.wait()
+                    elif not self._cond.wait(LAZY_DELAY_S):
+                        break  # only lazy commands, and they have waited long enough
                 if not self._queue:
                     return
                 batch = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
+                self._waited_for -= sum(1 for req in batch if not req.lazy)
             self._commit(batch)
 
     def _commit(self, batch: list[_Request]) -> None:
