@@ -1,0 +1,40 @@
+"""Smoke test of `bench fs` on the S3 target: the overwrite and its raw-put reference run.
+
+The raw 4 KiB put is what makes the S3 overwrite figure readable (the mount's
+share is the difference), so a change that breaks it on S3 — boto3 event
+handlers, the store URL it parses — must show up in the default tier. Tiny
+scale, the `seq` group only; nothing about speed is asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness.mount import fuse_available
+
+pytestmark = [pytest.mark.fuse, pytest.mark.s3]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_fs_seq_on_s3_measures_the_overwrite_and_the_raw_put() -> None:
+    if not fuse_available():
+        pytest.skip("no /dev/fuse or fusermount3")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "fs", "--", "--tiny", "--targets", "tmpfs,tidefs-s3",
+         "--workloads", "seq", "--json", "--no-drop-caches"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    rows = {(r["target"], r["workload"]): r for r in report["rows"]}
+    for workload in ("4 KiB overwrite + fsync", "4 KiB straight to the store, durable"):
+        row = rows[("tidefs-s3", workload)]
+        assert row["error"] is None and row["value"] > 0, row
+    # tmpfs has no store: no raw put there.
+    assert ("tmpfs", "4 KiB straight to the store, durable") not in rows
