@@ -94,6 +94,7 @@ class TailFetcher:
         dormant_after: float = 30.0,
         keep_records: int = 20_000,
         keep_bytes: int = 64 << 20,
+        ahead: int = 1_000,
         connect_timeout: float = 10.0,
         client_id: str = "tidefs-tail",
     ) -> None:
@@ -110,6 +111,9 @@ class TailFetcher:
         self._waiting = 0  # readers inside take(), waiting for records
         self.keep_records = keep_records
         self.keep_bytes = keep_bytes
+        # A reader may start this far beyond what was fetched: one that
+        # folded the records it appended itself is ahead of the fetch.
+        self.ahead = ahead
         self.connect_timeout = connect_timeout
         self._client_id = client_id.encode()
         self._header_key = timestamp_header.encode()
@@ -144,7 +148,10 @@ class TailFetcher:
     def covers(self, start: int) -> bool:
         """Whether records from `start` on are (or will be) served here."""
         with self._cond:
-            return self.failure is None and self._low <= start <= self._next
+            return self.failure is None and self._serves(start)
+
+    def _serves(self, start: int) -> bool:
+        return self._low <= start <= self._next + self.ahead
 
     def end_since(self, since: float) -> int | None:
         """The log's end (high watermark) as a request sent at or after `since` found it, if any.
@@ -165,8 +172,8 @@ class TailFetcher:
         """Records from `start` on, waiting up to `timeout` for one; None if this fetcher cannot serve.
 
         None means: stopped, or `start` is outside the window of records kept
-        here (older than the oldest kept, or beyond what was fetched); the
-        caller reads another way. Several readers may take at their own offsets.
+        here (older than the oldest kept, or further beyond what was fetched
+        than `ahead`); the caller reads another way. Several readers may take at their own offsets.
         """
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -175,7 +182,7 @@ class TailFetcher:
                 self._wake()  # the fetching thread stopped asking: a reader is back
             self.last_take = now
             while True:
-                if not self._low <= start <= self._next:
+                if not self._serves(start):
                     return None
                 if self._offsets and self._offsets[-1] >= start:
                     break

@@ -166,6 +166,31 @@ def test_a_reader_behind_the_window_is_refused(
             tail.close()
 
 
+def test_a_reader_ahead_of_the_fetch_is_served(
+    kafka_broker: KafkaBroker, journal_volume: str
+) -> None:
+    """A fold that applied the records it appended itself reads on from beyond the fetch."""
+    with KafkaLog(kafka_broker.bootstrap, journal_volume) as writer:
+        first = writer.append(b"0")
+        host, port = writer._leader_address(time.monotonic() + 10)
+        tail = TailFetcher((host, port), writer.topic, first, timestamp_header="h", ahead=100)
+        try:
+            offsets = writer.append_many([(str(i).encode(), None) for i in range(1, 40)])
+            # Offsets not appended yet, so surely beyond what was fetched.
+            later: list[int] = []
+            appender = threading.Timer(
+                0.3, lambda: later.extend(writer.append_many([(b"x", None)] * 10))
+            )
+            appender.start()
+            assert tail.covers(offsets[-1] + 5)
+            got = tail.take(offsets[-1] + 5, 100, 30.0)
+            appender.join()
+            assert got is not None and [r.offset for r in got] == later[4:]
+            assert tail.take(later[-1] + 102, 1, 0.1) is None, "too far ahead: read elsewhere"
+        finally:
+            tail.close()
+
+
 def test_compressed_log_is_read_through_librdkafka(
     kafka_broker: KafkaBroker, journal_volume: str
 ) -> None:
