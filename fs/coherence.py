@@ -64,11 +64,11 @@ class _Request:
         "command",
         "done",
         "error",
-        "event",
         "lazy",
         "outcome",
         "ready",
         "request_id",
+        "task",
         "token",
     )
 
@@ -81,7 +81,8 @@ class _Request:
         """Asked just before the append: False drops the command (outcome stays None)."""
         self.done: Callable[[_Request], None] | None = None
         """Called on the committer thread once the outcome (or error) is known."""
-        self.event: trio.Event | None = None
+        self.task: trio.lowlevel.Task | None = None
+        """The trio task parked until the outcome is known (`submit_async`)."""
         self.token: trio.lowlevel.TrioToken | None = None
         self.lazy = False
         """Nobody waits for it: it rides with the next batch, or goes after LAZY_DELAY_S."""
@@ -127,12 +128,14 @@ class OwnRequests:
     async def submit_async(self, command: Command, request_id: bytes | None = None) -> Outcome:
         """Submit from the trio thread and wait for the outcome without a worker thread."""
         req = _Request(command, request_id or new_request_id())
-        req.event = trio.Event()
+        req.task = trio.lowlevel.current_task()
         req.token = trio.lowlevel.current_trio_token()
         if not self._enqueue(req):
             return await trio.to_thread.run_sync(self._submit_direct, req)
-        with trio.CancelScope(shield=True):  # the command is on its way: wait for its outcome
-            await req.event.wait()
+        # Parked with no checkpoint since the enqueue, so the committer's wake-up
+        # (run on this thread) finds it parked. The command is on its way: a
+        # cancellation does not end the wait (a shield, without a cancel scope's cost).
+        await trio.lowlevel.wait_task_rescheduled(_no_abort)
         return self._result(req)
 
     def submit_later(
@@ -255,24 +258,28 @@ def _ready(req: _Request) -> bool:
 
 def _finish(batch: Sequence[_Request]) -> None:
     """Tell every caller of `batch` its outcome: trio callers with one call per trio run."""
-    by_token: dict[trio.lowlevel.TrioToken, list[trio.Event]] = {}
+    by_token: dict[trio.lowlevel.TrioToken, list[trio.lowlevel.Task]] = {}
     for req in batch:
-        if req.token is not None and req.event is not None:
-            by_token.setdefault(req.token, []).append(req.event)
+        if req.token is not None and req.task is not None:
+            by_token.setdefault(req.token, []).append(req.task)
         elif req.done is not None:
             try:
                 req.done(req)
             except Exception:
                 log.exception("completion of %s failed", type(req.command).__name__)
-    for token, events in by_token.items():
+    for token, tasks in by_token.items():
         # RunFinishedError: the mount's loop is gone, nobody waits any more.
         with contextlib.suppress(trio.RunFinishedError):
-            token.run_sync_soon(_set_all, events)
+            token.run_sync_soon(_wake_all, tasks)
 
 
-def _set_all(events: Sequence[trio.Event]) -> None:
-    for event in events:
-        event.set()
+def _wake_all(tasks: Sequence[trio.lowlevel.Task]) -> None:
+    for task in tasks:
+        trio.lowlevel.reschedule(task)
+
+
+def _no_abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
 
 
 class ObservedState:
