@@ -8,6 +8,12 @@ has applied that offset, and return the outcome stored under its request id.
 That is read-your-writes at the writer, and the reason no metadata server is
 needed: the log orders everything, the fold decides.
 
+A mount's committer calls `submit_many` instead: many callers' commands in
+one append, and, when they landed right after the applied offset, folded by
+the committer's own thread from the payloads it already holds. Only one
+thread folds at a time (the fold lock), each record exactly once, in log
+order, so the state is the same function of the log whoever folds it.
+
 A record that cannot be decoded (a schema from a newer tidefs, corrupt bytes)
 stops the fold at that offset without changing state; `submit` and `wait_*`
 then raise `FoldStopped` instead of waiting forever.
