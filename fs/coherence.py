@@ -220,9 +220,12 @@ class OwnRequests:
         with self._lock:
             self._ids.update(req.request_id for req in todo)
         try:
-            outcomes = self.replica.submit_many([(r.command, r.request_id) for r in todo])
-            for req, outcome in zip(todo, outcomes, strict=True):
-                req.outcome = outcome
+            results = self.replica.submit_many([(r.command, r.request_id) for r in todo])
+            for req, result in zip(todo, results, strict=True):
+                if isinstance(result, Outcome):
+                    req.outcome = result
+                else:  # this command alone cannot be logged; the others were
+                    req.error = result
         except Exception as exc:
             for req in todo:
                 req.error = exc

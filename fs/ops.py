@@ -85,6 +85,9 @@ R = TypeVar("R")
 READDIR_BATCH = 256
 """Directory entries read from the state per worker-thread trip."""
 
+TIME_MIN_NS, TIME_MAX_NS = -(1 << 63), (1 << 63) - 1
+"""The times a file can have: the log stores nanoseconds since the epoch as a signed 64-bit long."""
+
 STAT_BLKSIZE = 1 << 20
 """st_blksize: stdio and most tools size their buffers from it; large writes are cheap here."""
 
@@ -360,6 +363,14 @@ class TideOps(pyfuse3.Operations):
         fields: pyfuse3.SetattrFields,
         size: int | None,
     ) -> SetAttr:
+        for asked, ns in (
+            (fields.update_atime, attr.st_atime_ns),
+            (fields.update_mtime, attr.st_mtime_ns),
+        ):
+            if asked and not TIME_MIN_NS <= ns <= TIME_MAX_NS:
+                # The log stores times as signed 64-bit nanoseconds (years 1677-2262):
+                # like Linux for a time a file system cannot store, refuse it.
+                raise pyfuse3.FUSEError(errno.EOVERFLOW)
         return SetAttr(
             inode=inode,
             mode=(stat.S_IFMT(current.mode) | (attr.st_mode & 0o7777))

@@ -50,6 +50,10 @@ class SubmitTimeout(ReplicaError):
     """A command was appended (or may have been) but not applied here in time."""
 
 
+class CommandRejected(ReplicaError):
+    """A command cannot be written to the log (it does not fit the schema); nothing was appended."""
+
+
 def apply_records(state: State, records: Sequence[Record]) -> ApplyResult:
     """Decode and fold `records` in one batch.
 
@@ -267,7 +271,7 @@ class Replica:
         commands: Sequence[tuple[Command, bytes]],
         *,
         timeout: float = 60.0,
-    ) -> list[Outcome]:
+    ) -> list[Outcome | CommandRejected]:
         """Submit `(command, request id)` pairs as one append; return their outcomes in order.
 
         This is `submit` for a committer that gathered the commands of many
@@ -278,17 +282,26 @@ class Replica:
         batch rules), and the follower finds them applied; otherwise (another
         writer's records came first, or the fold is paused) it waits for the
         follower as `submit` does.
+
+        A command that cannot be encoded is not appended and gets a
+        `CommandRejected` in its place; the others are appended without it.
         """
         if self.error is not None:
             raise FoldStopped(str(self.error))
-        if not commands:
-            return []
         now = time.time_ns()
-        envs = [
-            Envelope(command=cmd, origin=self.region, timestamp_ns=now, request_id=rid)
-            for cmd, rid in commands
-        ]
-        entries: list[tuple[bytes, int | None]] = [(codec.encode(e), now) for e in envs]
+        results: list[Outcome | CommandRejected | None] = [None] * len(commands)
+        envs: list[tuple[int, Envelope]] = []
+        entries: list[tuple[bytes, int | None]] = []
+        for i, (cmd, rid) in enumerate(commands):
+            env = Envelope(command=cmd, origin=self.region, timestamp_ns=now, request_id=rid)
+            try:
+                entries.append((codec.encode(env), now))
+            except codec.CodecError as exc:
+                results[i] = CommandRejected(f"{type(cmd).__name__} cannot be logged: {exc}")
+                continue
+            envs.append((i, env))
+        if not entries:
+            return [r for r in results if r is not None]
         deadline = time.monotonic() + timeout
         with telemetry.tracer.start_as_current_span(
             telemetry.SPAN_SUBMIT,
@@ -319,13 +332,12 @@ class Replica:
                     f"command at offset {offsets[-1]} not applied by region {self.region} "
                     f"in {timeout}s"
                 )
-        outcomes = []
-        for env, offset in zip(envs, offsets, strict=True):
+        for (i, env), offset in zip(envs, offsets, strict=True):
             outcome = self.state.outcome(env.request_id)
             if outcome is None:  # pragma: no cover - the fold records every outcome
                 raise ReplicaError(f"no outcome recorded for the command at offset {offset}")
-            outcomes.append(outcome)
-        return outcomes
+            results[i] = outcome
+        return [r for r in results if r is not None]
 
     def _fold_own(self, records: Sequence[Record]) -> None:
         """Fold records just appended here if they directly follow the applied offset."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.harness.mount import TidefsMount
 from tidefs.fs.coherence import OwnRequests
 from tidefs.journal.commands import (
     ROOT_INODE,
@@ -31,11 +33,12 @@ from tidefs.journal.commands import (
     Outcome,
     Region,
     Rename,
+    SetAttr,
     Unlink,
 )
 from tidefs.journal.log import Log, Record, open_log
 from tidefs.journal.sqlite import SqliteLog
-from tidefs.replica.replica import Replica, fold_range
+from tidefs.replica.replica import CommandRejected, Replica, fold_range
 from tidefs.replica.state import State
 
 REGIONS = (Region("a", "file:///unused-a"), Region("b", "file:///unused-b"))
@@ -266,3 +269,87 @@ def test_commands_after_close_go_straight_to_the_replica(
     done: list[tuple[Outcome | None, BaseException | None]] = []
     own.submit_later(Noop("x"), lambda o, e: done.append((o, e)))
     assert done and done[0][0] is not None and done[0][0].ok
+
+
+def hold_committer(own: OwnRequests) -> threading.Event:
+    """Park the committer on a batch of its own; set the returned gate to let it go on.
+
+    Everything queued meanwhile goes into the committer's next batch.
+    """
+    entered, gate = threading.Event(), threading.Event()
+
+    def ready() -> bool:
+        entered.set()
+        return gate.wait(WAIT_BOUND)
+
+    own.submit_later(Noop("hold"), lambda _outcome, _error: None, ready)
+    assert entered.wait(WAIT_BOUND)
+    return gate
+
+
+def submit_in_thread(
+    own: OwnRequests, command: Mkdir | SetAttr, out: dict[str, Outcome | BaseException], key: str
+) -> threading.Thread:
+    def run() -> None:
+        try:
+            out[key] = own.submit(command)
+        except BaseException as exc:
+            out[key] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_a_command_that_cannot_be_logged_fails_alone_in_its_batch(
+    region_a: tuple[Replica, OwnRequests],
+) -> None:
+    replica, own = region_a
+    f = own.submit(Mknod(ROOT_INODE, b"f", 0o100644, 0, 0))
+    assert f.ok
+    attr = replica.state.getattr(f.inode)
+    assert attr is not None
+    gate = hold_committer(own)
+    before = own.batches
+    out: dict[str, Outcome | BaseException] = {}
+    threads = [
+        submit_in_thread(own, Mkdir(ROOT_INODE, b"d1", 0o40755, 0, 0), out, "d1"),
+        # Beyond a signed 64-bit long: the log cannot hold it.
+        submit_in_thread(own, SetAttr(inode=f.inode, mtime=1 << 63), out, "bad"),
+        submit_in_thread(own, Mkdir(ROOT_INODE, b"d2", 0o40755, 0, 0), out, "d2"),
+    ]
+    deadline = time.monotonic() + WAIT_BOUND
+    while len(own._queue) < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert len(own._queue) == 3  # all three share the next batch
+    gate.set()
+    for t in threads:
+        t.join(WAIT_BOUND)
+    assert own.batches - before == 2  # the held batch, then the three together
+    assert isinstance(out["bad"], CommandRejected)
+    for name in ("d1", "d2"):
+        got = out[name]
+        assert isinstance(got, Outcome) and got.ok
+        assert replica.state.lookup(ROOT_INODE, name.encode()) == got.inode
+    assert replica.state.getattr(f.inode) == attr
+
+
+@pytest.mark.fuse
+def test_a_time_the_log_cannot_store_is_eoverflow_and_leaves_the_file(
+    tidefs_mount: TidefsMount,
+) -> None:
+    p = tidefs_mount.path / "f"
+    p.write_bytes(b"x")
+    os.utime(p, ns=(5 * 10**9, 7 * 10**9))
+    for beyond in ((1 << 63) + 10**9, 2**64):
+        with pytest.raises(OSError) as info:
+            os.utime(p, ns=(beyond, beyond))
+        assert info.value.errno == errno.EOVERFLOW
+        with pytest.raises(OSError) as info:
+            os.utime(p, ns=(6 * 10**9, beyond))
+        assert info.value.errno == errno.EOVERFLOW
+    st = os.stat(p)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (5 * 10**9, 7 * 10**9)
+    os.utime(p, ns=(6 * 10**9, 8 * 10**9))  # the mount still serves ordinary times
+    st = os.stat(p)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (6 * 10**9, 8 * 10**9)
