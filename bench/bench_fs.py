@@ -6,7 +6,8 @@ Targets, each a directory that the same workloads run in:
 - `tidefs-file`: a tidefs mount (embedded SQLite log, directory store), exactly
   as a user mounts it, in its own process;
 - `tidefs-s3`: a tidefs mount on a bucket of a local S3 endpoint (moto's
-  server on loopback);
+  server on loopback, or with `--s3-server gofakes3` an S3 server in Go whose
+  requests cost far less than moto's);
 - `s3fs`: s3fs-fuse on another bucket of the same endpoint (reported as failed,
   never crashing the run, when s3fs is missing or misbehaves).
 
@@ -898,17 +899,22 @@ def make_inputs(where: Path, scale: Scale, model: bool = True) -> dict[str, str]
 
 
 @contextlib.contextmanager
-def s3_endpoint() -> Iterator[Any]:
-    """A moto S3 server on loopback, with fake credentials in this process's environment."""
+def s3_endpoint(kind: str = "moto") -> Iterator[Any]:
+    """An S3 server on loopback (moto's, or gofakes3's), with fake credentials in this process's environment."""
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
     from tests.harness.s3 import FAKE_AWS_ENV, S3Server
 
+    binary = None
+    if kind == "gofakes3":
+        binary = REPO_ROOT / ".cache" / "gofakes3" / "bin" / "gofakes3"
+        if not binary.exists():
+            raise SystemExit("bench fs: gofakes3 is not built: run scripts/fetch-gofakes3")
     saved = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     for k in saved:
         del os.environ[k]
     os.environ.update(FAKE_AWS_ENV)
-    server = S3Server()
+    server = S3Server(gofakes3=str(binary) if binary else None)
     try:
         server.start()
         yield server
@@ -1021,6 +1027,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="bound of each workload (default: 900 s at full size); a step that "
                    "reaches it reports a partial figure. s3fs needs over an hour unbounded; "
                    "60 keeps a full run with every target near 40 minutes")  # fmt: skip
+    p.add_argument(
+        "--s3-server",
+        choices=("moto", "gofakes3"),
+        default="moto",
+        help="the S3 endpoint of the tidefs-s3 and s3fs targets: moto's server "
+        "(the tests' endpoint; ~4 ms of its own CPU per request) or gofakes3 "
+        "(Go, in memory; build it with scripts/fetch-gofakes3)",
+    )
     p.add_argument("--no-drop-caches", action="store_true",
                    help="leave the kernel's page cache alone (cold runs then only remount)")  # fmt: skip
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -1056,7 +1070,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"bench fs: scale {scale}; preparing inputs")
         env = make_inputs(inputs, SCALES[scale], model=bool(only & set(GROUPS["model"])))
         needs_s3 = any(n in ("tidefs-s3", "s3fs") for n in names)
-        with s3_endpoint() if needs_s3 else contextlib.nullcontext() as server:
+        if needs_s3:
+            log(f"bench fs: S3 endpoint: {args.s3_server}")
+        with s3_endpoint(args.s3_server) if needs_s3 else contextlib.nullcontext() as server:
             for name in names:
                 log(f"bench fs: target {name}")
                 try:
@@ -1079,7 +1095,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     checks = targets_met(rows)
     report = json.dumps(
-        {"scale": asdict(SCALES[scale]), "rows": [asdict(r) for r in rows], "targets": checks},
+        {
+            "scale": asdict(SCALES[scale]),
+            "s3_server": args.s3_server if needs_s3 else None,
+            "rows": [asdict(r) for r in rows],
+            "targets": checks,
+        },
         indent=2,
     )
     if args.json_out:
