@@ -412,19 +412,38 @@ class KafkaLog(Log):
 
     def append(self, payload: bytes, timestamp_ns: int | None = None) -> int:
         """Produce one record and return its offset once every in-sync replica has it."""
-        return self._delivered(self._produce(payload, timestamp_ns))
+        return self._delivered(self._produce(*self._checked(payload, timestamp_ns)))
 
     def append_many(self, entries: Sequence[tuple[bytes, int | None]]) -> list[int]:
         """Produce records in this order, then wait for all their deliveries at once.
 
         One partition and the idempotent producer keep them in this order;
-        librdkafka sends them in one or a few produce requests.
+        librdkafka sends them in one or a few produce requests. Every record
+        is checked before any is produced, so a record that is refused (too
+        large, not bytes) lands none of the batch. Should producing fail
+        partway (the queue stays full, the producer fails), the records
+        already handed over may still land: this waits for them and raises
+        JournalUnavailable, and the caller retries the whole batch (with
+        the same request ids, which the fold applies once).
         """
-        deliveries = [self._produce(payload, timestamp_ns) for payload, timestamp_ns in entries]
+        checked = [self._checked(payload, timestamp_ns) for payload, timestamp_ns in entries]
+        self._check_open()
+        deliveries: list[_Delivery] = []
+        try:
+            for data, timestamp_ns in checked:
+                deliveries.append(self._produce(data, timestamp_ns))
+        except (JournalError, KafkaException) as exc:
+            deadline = time.monotonic() + self.timeout + 1.0
+            for delivery in deliveries:  # let what was handed over land (or fail) first
+                delivery.done.wait(max(0.0, deadline - time.monotonic()))
+            raise JournalUnavailable(
+                f"append of {len(checked)} records to {self.topic} failed after "
+                f"{len(deliveries)} were produced (they may be written): {exc}"
+            ) from exc
         return [self._delivered(delivery) for delivery in deliveries]
 
-    def _produce(self, payload: bytes, timestamp_ns: int | None) -> _Delivery:
-        """Hand one record to the producer; return what its delivery report will fill in."""
+    def _checked(self, payload: bytes, timestamp_ns: int | None) -> tuple[bytes, int]:
+        """Check one record before it is produced; return its bytes and timestamp."""
         if not isinstance(payload, bytes | bytearray | memoryview):
             raise TypeError(f"a record payload must be bytes, not {type(payload).__name__}")
         data = bytes(payload)
@@ -438,6 +457,10 @@ class KafkaLog(Log):
             raise ValueError(
                 f"timestamp_ns must be nanoseconds since the epoch, not {timestamp_ns}"
             )
+        return data, timestamp_ns
+
+    def _produce(self, data: bytes, timestamp_ns: int) -> _Delivery:
+        """Hand one checked record to the producer; return what its delivery report will fill in."""
         self._check_open()
         delivery = _Delivery()
         deadline = time.monotonic() + self.timeout

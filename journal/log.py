@@ -55,7 +55,13 @@ class Log(abc.ABC):
         transaction; Kafka: one wait for every delivery), so that a committer
         gathering the commands of many callers pays one round trip for all of
         them. Other appends may still land between them: offsets are in order,
-        not necessarily consecutive. This default appends one at a time.
+        not necessarily consecutive.
+
+        Every record is checked before any is appended: a refused record (not
+        bytes, too large: TypeError, ValueError, JournalError) appends none of
+        them. After JournalUnavailable some may have landed; retry the whole
+        batch (a fold applies each request id once). This default appends one
+        at a time and has neither property; both backends override it.
         """
         return [self.append(payload, timestamp_ns) for payload, timestamp_ns in entries]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.harness.kafka import KafkaBroker
 from tests.harness.mount import TidefsMount
 from tidefs.fs.coherence import OwnRequests
 from tidefs.journal.commands import (
@@ -36,7 +37,7 @@ from tidefs.journal.commands import (
     SetAttr,
     Unlink,
 )
-from tidefs.journal.log import Log, Record, open_log
+from tidefs.journal.log import JournalError, JournalUnavailable, Log, Record, open_log
 from tidefs.journal.sqlite import SqliteLog
 from tidefs.replica.replica import CommandRejected, Replica, fold_range
 from tidefs.replica.state import State
@@ -94,6 +95,35 @@ def test_append_many_keeps_order_payloads_and_timestamps(
             assert by_offset[offset].payload == payload
             assert by_offset[offset].timestamp_ns == ts
         assert [r.payload for r in by_offset.values()] == [b"solo"] + [p for p, _ in entries]
+
+
+def test_append_many_with_a_refused_record_appends_none_of_the_batch(
+    journal_url: str, journal_volume: str
+) -> None:
+    with open_log(journal_url, journal_volume) as lg:
+        first = lg.append(b"first")
+        bad: list[tuple[bytes, int | None]] = [(b"a", None), ("not bytes", None), (b"c", None)]  # type: ignore[list-item]
+        with pytest.raises(TypeError):
+            lg.append_many(bad)
+        last = lg.append(b"last")
+        # A committer that is refused retries nothing: a half-landed batch would stay.
+        assert last == first + 1
+        assert [r.payload for r in records_of(lg)] == [b"first", b"last"]
+
+
+@pytest.mark.kafka
+def test_kafka_append_many_with_an_oversize_record_appends_none_of_the_batch(
+    kafka_broker: KafkaBroker, journal_volume: str
+) -> None:
+    sep = "&" if "?" in kafka_broker.url else "?"
+    with open_log(f"{kafka_broker.url}{sep}max_record_bytes=1000", journal_volume) as lg:
+        first = lg.append(b"first")
+        with pytest.raises(JournalError, match="exceeds max_record_bytes") as info:
+            lg.append_many([(b"a", None), (b"x" * 1001, None), (b"c", None)])
+        assert not isinstance(info.value, JournalUnavailable)  # refused: not to be retried
+        last = lg.append(b"last")
+        assert last == first + 1
+        assert [r.payload for r in records_of(lg)] == [b"first", b"last"]
 
 
 def test_sqlite_append_many_is_one_run_of_offsets_among_concurrent_appends(
