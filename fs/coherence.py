@@ -171,14 +171,20 @@ class OwnRequests:
         with self._lock:
             return all(rid in self._ids for rid in request_ids)
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Commit what is queued, then stop the committer; later calls submit directly."""
+    def close(self) -> None:
+        """Commit what is queued, then stop the committer; later calls submit directly.
+
+        Returns only once the committer thread has ended, so that the replica's
+        state can be closed after it: the thread may be folding. Each batch is
+        bounded (a request fails once its deadline passes), so this is too.
+        Idempotent.
+        """
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     # -- the committer ---------------------------------------------------------------
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, cast
 from tidefs import telemetry
 
 if TYPE_CHECKING:
-    from tidefs.fs.coherence import Invalidator
+    from tidefs.fs.coherence import Invalidator, OwnRequests
     from tidefs.fs.data import DataPath
     from tidefs.fs.ops import TideOps
     from tidefs.journal.log import Log
@@ -162,6 +162,7 @@ class Mount:
         self.data: DataPath | None = None
         self.ops: TideOps | None = None
         self.invalidator: Invalidator | None = None
+        self.own: OwnRequests | None = None
         self.replicator: Any = None
         self.publisher: Any = None
         self.mounted = False
@@ -231,7 +232,7 @@ class Mount:
         # tell this mount's own commands from everyone else's.
         observed = ObservedState(self.state)
         self.replica = Replica(self.log, cast("State", observed), cfg.region)
-        own = OwnRequests(self.replica)
+        own = self.own = OwnRequests(self.replica)
         try:
             cache = DiskBlockCache(cfg.cache_dir, cfg.cache_size)
         except OSError as exc:
@@ -436,6 +437,10 @@ class Mount:
                 log.error("writes to inode %d could not be flushed: %s", ino, exc)
         if self.ops is not None:
             self.ops.close()
+        if self.own is not None:
+            # Waits for the committer's last batch (each is bounded): nothing may
+            # fold into the state once it is closed below.
+            self.own.close()
         if self.mounted:
             import pyfuse3
 

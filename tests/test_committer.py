@@ -383,3 +383,30 @@ def test_a_time_the_log_cannot_store_is_eoverflow_and_leaves_the_file(
     os.utime(p, ns=(6 * 10**9, 8 * 10**9))  # the mount still serves ordinary times
     st = os.stat(p)
     assert (st.st_atime_ns, st.st_mtime_ns) == (6 * 10**9, 8 * 10**9)
+
+
+def test_close_returns_only_after_the_committers_last_batch(
+    region_a: tuple[Replica, OwnRequests],
+) -> None:
+    replica, own = region_a
+    gate = hold_committer(own)
+    out: dict[str, Outcome | BaseException] = {}
+    worker = submit_in_thread(own, Mkdir(ROOT_INODE, b"queued", 0o40755, 0, 0), out, "queued")
+    deadline = time.monotonic() + WAIT_BOUND
+    while len(own._queue) < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    closer = threading.Thread(target=own.close)
+    closer.start()
+    try:
+        # The committer is inside a batch: the mount must not close the state under it.
+        closer.join(0.2)
+        assert closer.is_alive()
+    finally:
+        gate.set()
+    closer.join(WAIT_BOUND)
+    worker.join(WAIT_BOUND)
+    assert not closer.is_alive()
+    got = out["queued"]
+    assert isinstance(got, Outcome) and got.ok  # what was queued was committed
+    assert replica.state.lookup(ROOT_INODE, b"queued") == got.inode
+    own.close()  # idempotent
