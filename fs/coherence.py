@@ -35,6 +35,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,7 @@ from tidefs.journal.commands import (
     Outcome,
     new_request_id,
 )
+from tidefs.replica.replica import SubmitTimeout
 
 if TYPE_CHECKING:
     from tidefs.replica.replica import Replica
@@ -69,6 +71,7 @@ class _Request:
 
     __slots__ = (
         "command",
+        "deadline",
         "done",
         "error",
         "lazy",
@@ -79,9 +82,11 @@ class _Request:
         "token",
     )
 
-    def __init__(self, command: Command, request_id: bytes) -> None:
+    def __init__(self, command: Command, request_id: bytes, deadline: float) -> None:
         self.command = command
         self.request_id = request_id
+        self.deadline = deadline
+        """`time.monotonic()` by which it must be applied; set when it is queued."""
         self.outcome: Outcome | None = None
         self.error: BaseException | None = None
         self.ready: Callable[[], bool] | None = None
@@ -108,9 +113,12 @@ class OwnRequests:
     `run_sync_soon`. Thread-safe.
     """
 
-    def __init__(self, replica: Replica, *, max_batch: int = 256) -> None:
+    def __init__(self, replica: Replica, *, max_batch: int = 256, timeout: float = 60.0) -> None:
         self.replica = replica
         self.max_batch = max_batch
+        self.timeout = timeout
+        """Seconds from queueing a command until its caller gets SubmitTimeout, however
+        many batches it waits behind (a journal outage); an expired command is not appended."""
         self._lock = threading.Lock()
         self._ids: set[bytes] = set()
         self._cond = threading.Condition()
@@ -124,7 +132,7 @@ class OwnRequests:
 
     def submit(self, command: Command, request_id: bytes | None = None) -> Outcome:
         """Submit and wait for the outcome (any thread but the trio thread)."""
-        req = _Request(command, request_id or new_request_id())
+        req = _Request(command, request_id or new_request_id(), time.monotonic() + self.timeout)
         finished = threading.Event()
         req.done = lambda _req: finished.set()
         if not self._enqueue(req):
@@ -134,7 +142,7 @@ class OwnRequests:
 
     async def submit_async(self, command: Command, request_id: bytes | None = None) -> Outcome:
         """Submit from the trio thread and wait for the outcome without a worker thread."""
-        req = _Request(command, request_id or new_request_id())
+        req = _Request(command, request_id or new_request_id(), time.monotonic() + self.timeout)
         req.task = trio.lowlevel.current_task()
         req.token = trio.lowlevel.current_trio_token()
         if not self._enqueue(req):
@@ -157,7 +165,7 @@ class OwnRequests:
         dropped and `done(None, None)` is called. The command does not start a
         batch of its own: it joins the next one, or goes after `LAZY_DELAY_S`.
         """
-        req = _Request(command, new_request_id())
+        req = _Request(command, new_request_id(), time.monotonic() + self.timeout)
         req.lazy = True
         req.ready = ready
         req.done = lambda r: done(r.outcome, r.error)
@@ -223,10 +231,21 @@ class OwnRequests:
     def _commit(self, batch: list[_Request]) -> None:
         """Append, fold and answer one batch (committer thread); never raises."""
         todo = [req for req in batch if req.ready is None or _ready(req)]
+        now = time.monotonic()
+        for req in todo:
+            if req.deadline <= now:
+                req.error = SubmitTimeout(
+                    f"{type(req.command).__name__} not appended: it waited "
+                    f"{self.timeout:g}s for the committer"
+                )
+        todo = [req for req in todo if req.error is None]
         with self._lock:
             self._ids.update(req.request_id for req in todo)
         try:
-            results = self.replica.submit_many([(r.command, r.request_id) for r in todo])
+            results = self.replica.submit_many(
+                [(r.command, r.request_id) for r in todo],
+                timeout=min((r.deadline for r in todo), default=now) - now,
+            )
             for req, result in zip(todo, results, strict=True):
                 if isinstance(result, Outcome):
                     req.outcome = result

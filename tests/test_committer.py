@@ -39,7 +39,7 @@ from tidefs.journal.commands import (
 )
 from tidefs.journal.log import JournalError, JournalUnavailable, Log, Record, open_log
 from tidefs.journal.sqlite import SqliteLog
-from tidefs.replica.replica import CommandRejected, Replica, fold_range
+from tidefs.replica.replica import CommandRejected, Replica, SubmitTimeout, fold_range
 from tidefs.replica.state import State
 
 REGIONS = (Region("a", "file:///unused-a"), Region("b", "file:///unused-b"))
@@ -410,3 +410,31 @@ def test_close_returns_only_after_the_committers_last_batch(
     assert isinstance(got, Outcome) and got.ok  # what was queued was committed
     assert replica.state.lookup(ROOT_INODE, b"queued") == got.inode
     own.close()  # idempotent
+
+
+def test_a_command_queued_past_its_deadline_fails_without_being_appended(
+    region_a: tuple[Replica, OwnRequests],
+) -> None:
+    replica, _ = region_a
+    own = OwnRequests(replica, timeout=0.5)
+    try:
+        # A batch ahead of it is stuck (as in a journal outage): its own deadline
+        # counts from when it was queued, not from when the committer takes it.
+        gate = hold_committer(own)
+        out: dict[str, Outcome | BaseException] = {}
+        worker = submit_in_thread(own, Mkdir(ROOT_INODE, b"late", 0o40755, 0, 0), out, "late")
+        deadline = time.monotonic() + WAIT_BOUND
+        while len(own._queue) < 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        queued_at = time.monotonic()
+        head = replica.log.head()
+        time.sleep(max(0.0, queued_at + 0.6 - time.monotonic()))  # past its deadline
+        gate.set()
+        worker.join(WAIT_BOUND)
+        assert isinstance(out["late"], SubmitTimeout)
+        assert replica.log.head() == head  # never appended: no retry can apply it twice
+        assert replica.state.lookup(ROOT_INODE, b"late") is None
+        again = own.submit(Mkdir(ROOT_INODE, b"late", 0o40755, 0, 0))  # fresh deadline
+        assert again.ok and replica.state.lookup(ROOT_INODE, b"late") == again.inode
+    finally:
+        own.close()
