@@ -461,7 +461,9 @@ class BlockReader:
             log.error("block %s of slice %x (home %s): %s", key, ref.slice_id, ref.home, exc)
             raise BlockUnavailable(key, False) from exc
         if self.use_disk:
-            self.disk.put(key, data)
+            # In the background: writing the cache file costs as much CPU as the
+            # fetch (fs/cache.py), and the reader is waiting for this block.
+            self.disk.put_soon(key, data)
         return data
 
 
@@ -1053,4 +1055,5 @@ class DataPath:
         self._background.shutdown(wait=True)
         self._submits.shutdown(wait=True)
         self._io.shutdown(wait=True, cancel_futures=True)
+        self.fetcher.disk.flush()  # a clean unmount keeps every block its reads fetched
         return failures

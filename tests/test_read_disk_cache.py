@@ -57,6 +57,50 @@ def test_without_write_back_reads_fill_the_disk_cache(
     reader, disk, ref, payload = _reader(tmp_path, pool, write_back=False)
     try:
         assert reader.get(ref, 0) == payload
+        # Served while its file is still being written, and kept once written:
+        # the cache a remount opens (a new index, read from the directory) has it.
         assert disk.get(block_key(ref.slice_id, 0)) == payload
+        assert disk.flush()
+        assert DiskBlockCache(disk.directory, 8 << 20).get(block_key(ref.slice_id, 0)) == payload
     finally:
         reader.remote.close()
+
+
+def test_a_block_written_in_the_background_is_verified_when_read_back(tmp_path: Path) -> None:
+    cache = DiskBlockCache(str(tmp_path / "cache"), 8 << 20)
+    payload = b"sealed" * 5000
+    assert cache.put_soon("k1", payload)
+    assert cache.flush()
+    (path,) = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    raw = bytearray(path.read_bytes())
+    assert raw.endswith(payload)  # header, then the payload as given
+    raw[-1] ^= 0xFF
+    path.write_bytes(raw)
+    assert cache.get("k1") is None  # damaged: dropped, never served
+    assert not path.exists()
+
+
+def test_the_background_queue_is_bounded(tmp_path: Path) -> None:
+    # A reader faster than the cache disk must not queue blocks without end:
+    # beyond `pending_limit` bytes waiting, a block is not cached at all.
+    cache = DiskBlockCache(str(tmp_path / "cache"), 8 << 20, pending_limit=1000)
+    assert not cache.put_soon("big", b"x" * 1001)
+    assert cache.skipped == 1
+    assert cache.put_soon("small", b"y" * 1000)
+    assert cache.flush()
+    assert cache.get("big") is None
+    assert cache.get("small") == b"y" * 1000
+    assert cache.size <= cache.capacity
+
+
+def test_the_disk_cache_stays_within_its_capacity(tmp_path: Path) -> None:
+    cache = DiskBlockCache(str(tmp_path / "cache"), 3 * 4200)
+    blocks = {f"k{i}": bytes([i]) * 4000 for i in range(6)}
+    for key, data in blocks.items():
+        assert cache.put_soon(key, data)
+        assert cache.flush()  # one at a time: the order of use is the order of puts
+    assert cache.size <= cache.capacity
+    assert [cache.get(k) is not None for k in blocks] == [False] * 3 + [True] * 3
+    assert cache.get("k5") == blocks["k5"]
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert len(files) == 3
