@@ -50,7 +50,7 @@ from tidefs.journal.commands import (
     Outcome,
     new_request_id,
 )
-from tidefs.replica.replica import SubmitTimeout
+from tidefs.replica.replica import ReplicaError, SubmitTimeout
 
 if TYPE_CHECKING:
     from tidefs.replica.replica import Replica
@@ -74,6 +74,7 @@ class _Request:
         "deadline",
         "done",
         "error",
+        "finished",
         "lazy",
         "outcome",
         "ready",
@@ -98,6 +99,8 @@ class _Request:
         self.token: trio.lowlevel.TrioToken | None = None
         self.lazy = False
         """Nobody waits for it: it rides with the next batch, or goes after LAZY_DELAY_S."""
+        self.finished = False
+        """Its caller has been told (or is being woken): never tell it twice."""
 
 
 class OwnRequests:
@@ -214,6 +217,14 @@ class OwnRequests:
         return True
 
     def _run(self) -> None:
+        batch: list[_Request] = []
+        try:
+            self._loop(batch)
+        except BaseException as exc:  # never leave callers waiting for a dead thread
+            self._die(batch, exc)
+
+    def _loop(self, batch: list[_Request]) -> None:
+        """Commit batches until closed; `batch` holds the one being committed."""
         while True:
             with self._cond:
                 while not self._waited_for and not self._closed:
@@ -223,10 +234,28 @@ class OwnRequests:
                         break  # only lazy commands, and they have waited long enough
                 if not self._queue:
                     return
-                batch = self._queue[: self.max_batch]
+                batch[:] = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
                 self._waited_for -= sum(1 for req in batch if not req.lazy)
             self._commit(batch)
+            batch.clear()
+
+    def _die(self, batch: list[_Request], exc: BaseException) -> None:
+        """The committer thread is ending on an error: answer everyone, submit directly from now."""
+        log.critical(
+            "the metadata committer stopped; commands go straight to the replica from now on",
+            exc_info=exc,
+        )
+        with self._cond:
+            self._closed = True  # `_enqueue` refuses: callers take the direct path
+            queued, self._queue = self._queue, []
+            self._waited_for = 0
+        error = ReplicaError(f"the mount's committer stopped: {exc!r}")
+        unanswered = [req for req in [*batch, *queued] if not req.finished]
+        for req in unanswered:
+            if req.outcome is None and req.error is None:
+                req.error = error
+        _finish(unanswered)
 
     def _commit(self, batch: list[_Request]) -> None:
         """Append, fold and answer one batch (committer thread); never raises."""
@@ -295,6 +324,7 @@ def _finish(batch: Sequence[_Request]) -> None:
     """Tell every caller of `batch` its outcome: trio callers with one call per trio run."""
     by_token: dict[trio.lowlevel.TrioToken, list[trio.lowlevel.Task]] = {}
     for req in batch:
+        req.finished = True
         if req.token is not None and req.task is not None:
             by_token.setdefault(req.token, []).append(req.task)
         elif req.done is not None:

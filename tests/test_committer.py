@@ -39,7 +39,13 @@ from tidefs.journal.commands import (
 )
 from tidefs.journal.log import JournalError, JournalUnavailable, Log, Record, open_log
 from tidefs.journal.sqlite import SqliteLog
-from tidefs.replica.replica import CommandRejected, Replica, SubmitTimeout, fold_range
+from tidefs.replica.replica import (
+    CommandRejected,
+    Replica,
+    ReplicaError,
+    SubmitTimeout,
+    fold_range,
+)
 from tidefs.replica.state import State
 
 REGIONS = (Region("a", "file:///unused-a"), Region("b", "file:///unused-b"))
@@ -438,3 +444,43 @@ def test_a_command_queued_past_its_deadline_fails_without_being_appended(
         assert again.ok and replica.state.lookup(ROOT_INODE, b"late") == again.inode
     finally:
         own.close()
+
+
+class _Escaped(BaseException):
+    """Escapes every `except Exception` between the committer and its thread."""
+
+
+def test_a_dead_committer_answers_its_callers_and_later_commands_go_direct(
+    region_a: tuple[Replica, OwnRequests], caplog: pytest.LogCaptureFixture
+) -> None:
+    replica, own = region_a
+    entered, gate = threading.Event(), threading.Event()
+    held: list[BaseException | None] = []
+
+    def ready() -> bool:
+        entered.set()
+        gate.wait(WAIT_BOUND)
+        raise _Escaped("a bug ends the committer thread")
+
+    own.submit_later(Noop("hold"), lambda _outcome, error: held.append(error), ready)
+    assert entered.wait(WAIT_BOUND)
+    out: dict[str, Outcome | BaseException] = {}
+    worker = submit_in_thread(own, Mkdir(ROOT_INODE, b"queued", 0o40755, 0, 0), out, "queued")
+    deadline = time.monotonic() + WAIT_BOUND
+    while len(own._queue) < 1 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    with caplog.at_level("CRITICAL", logger="tidefs.fs.coherence"):
+        gate.set()
+        worker.join(WAIT_BOUND)
+        assert not worker.is_alive()  # answered, not left hanging
+    assert isinstance(out["queued"], ReplicaError)
+    assert held and isinstance(held[0], ReplicaError)
+    assert len([r for r in caplog.records if "committer stopped" in r.message]) == 1
+    # Later commands take the direct path, and work.
+    later = own.submit(Mkdir(ROOT_INODE, b"later", 0o40755, 0, 0))
+    assert later.ok and replica.state.lookup(ROOT_INODE, b"later") == later.inode
+
+    async def from_trio() -> Outcome:
+        return await own.submit_async(Mkdir(ROOT_INODE, b"trio", 0o40755, 0, 0))
+
+    assert trio.run(from_trio).ok
