@@ -463,6 +463,8 @@ class Replicator:
         self._paused = threading.Event()
         self._waiting_for_state = False
         self._caught_up_at = -math.inf
+        self._wanted = -1
+        """The highest log offset a `wait_idle`/`run_once` waits for (see `_follow_state_alone`)."""
         self._last_read = -math.inf
         self._journal_warned = False
         self._error: str | None = None
@@ -698,6 +700,7 @@ class Replicator:
         return self._wait_idle(self._idle_target(), timeout)
 
     def _wait_idle(self, mark: tuple[float, int | None], timeout: float | None) -> bool:
+        self._want(mark[1])
         if self._thread is None:
             return self._drive_until_idle(math.inf if timeout is None else timeout, mark)
         since, target = mark
@@ -712,6 +715,7 @@ class Replicator:
 
     def _drive_until_idle(self, timeout: float, mark: tuple[float, int | None]) -> bool:
         since, target = mark
+        self._want(target)
         deadline = time.monotonic() + timeout
         while True:
             with self._lock:
@@ -721,6 +725,11 @@ class Replicator:
             if left <= 0:
                 return False
             self._step(min(left, self.poll_timeout))
+
+    def _want(self, target: int | None) -> None:
+        if target is not None:
+            with self._lock:
+                self._wanted = max(self._wanted, target)
 
     def _idle_target(self) -> tuple[float, int | None]:
         since = time.monotonic()
@@ -810,6 +819,11 @@ class Replicator:
         applied = self.state.applied_offset()
         vol = self.state.volume()
         if vol is None or [r.name for r in vol.regions] != [self.local_region]:
+            return False
+        if applied < self._wanted and self._position < self._wanted:
+            # A waiter wants more than the fold has applied (it is paused, stopped
+            # or behind): read the log to its head, as with other regions, so that
+            # being caught up does not depend on the fold.
             return False
         if applied > self._position:
             self._progress.commit(applied, {}, [])
