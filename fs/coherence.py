@@ -32,6 +32,7 @@ encoding and fold; per batch they are paid once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import queue
 import threading
@@ -306,9 +307,19 @@ class OwnRequests:
     @staticmethod
     def _result(req: _Request) -> Outcome:
         if req.error is not None:
-            raise req.error
+            # The callers of a failed batch share its error: each raises a fresh one
+            # of the same type (raising one object in many threads grows its traceback).
+            raise _fresh(req.error) from req.error
         assert req.outcome is not None  # only submit_later's commands may be dropped
         return req.outcome
+
+
+def _fresh(exc: BaseException) -> BaseException:
+    """A new exception of the type of `exc` (so the errno the caller maps stays), without its traceback."""
+    try:
+        return copy.copy(exc)
+    except Exception:  # a type that cannot be rebuilt from its args
+        return ReplicaError(str(exc))
 
 
 def _ready(req: _Request) -> bool:

@@ -41,6 +41,7 @@ from tidefs.journal.log import JournalError, JournalUnavailable, Log, Record, op
 from tidefs.journal.sqlite import SqliteLog
 from tidefs.replica.replica import (
     CommandRejected,
+    FoldStopped,
     Replica,
     ReplicaError,
     SubmitTimeout,
@@ -484,3 +485,31 @@ def test_a_dead_committer_answers_its_callers_and_later_commands_go_direct(
         return await own.submit_async(Mkdir(ROOT_INODE, b"trio", 0o40755, 0, 0))
 
     assert trio.run(from_trio).ok
+
+
+def test_callers_of_a_failed_batch_each_raise_their_own_error(
+    region_a: tuple[Replica, OwnRequests],
+) -> None:
+    replica, own = region_a
+    gate = hold_committer(own)
+    out: dict[str, Outcome | BaseException] = {}
+    try:
+        workers = [
+            submit_in_thread(own, Mkdir(ROOT_INODE, b"d%d" % i, 0o40755, 0, 0), out, str(i))
+            for i in range(3)
+        ]
+        deadline = time.monotonic() + WAIT_BOUND
+        while len(own._queue) < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        # A record no tidefs can decode stops the fold: the whole next batch fails.
+        replica.log.append(b"\xffnot a tidefs record")
+        while replica.error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(replica.error, FoldStopped)
+    finally:
+        gate.set()
+    for t in workers:
+        t.join(WAIT_BOUND)
+    errors = [out[str(i)] for i in range(3)]
+    assert all(isinstance(e, FoldStopped) for e in errors)  # the type the ops layer maps
+    assert len({id(e) for e in errors}) == 3
