@@ -32,7 +32,8 @@ import itertools
 import logging
 import os
 import threading
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 
 from tidefs.replica.blocks import CorruptBlockError, block_header, unseal
 
@@ -92,12 +93,12 @@ class DiskBlockCache:
         self._index: OrderedDict[str, int] = OrderedDict()  # file name -> size
         self._bytes = 0
         self._tmp = itertools.count()
-        # put_soon's queue: key -> payload, oldest first, and its total bytes
-        self._pending: OrderedDict[str, bytes] = OrderedDict()
+        # put_soon's blocks not yet in the index: key -> payload, and their total bytes
+        self._pending: dict[str, bytes] = {}
         self._pending_bytes = 0
+        self._queue: deque[str] = deque()  # the keys of _pending that nobody writes yet
         self._wake = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
-        self._writing = False
         if capacity > 0:
             os.makedirs(directory, exist_ok=True)
             self._load_index()
@@ -171,6 +172,7 @@ class DiskBlockCache:
                 return False
             self._pending[key] = data
             self._pending_bytes += len(data)
+            self._queue.append(key)
             if self._writer is None:
                 self._writer = threading.Thread(
                     target=self._write_pending, name="tidefs-cache-writer", daemon=True
@@ -180,9 +182,26 @@ class DiskBlockCache:
         return True
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every block `put_soon` took is written (or dropped); False on timeout."""
-        with self._lock:
-            return self._wake.wait_for(lambda: not self._pending and not self._writing, timeout)
+        """Write every block `put_soon` took, on this thread too; False if not all are in time.
+
+        The caller does the writing rather than wait for the writer, whose low
+        priority could leave it without CPU on a busy machine (an unmount would
+        then wait on it).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._queue:
+                    # What is left is the writer's current block, if any.
+                    return self._wake.wait_for(
+                        lambda: not self._pending, max(0.0, deadline - time.monotonic())
+                    )
+                key = self._queue.popleft()
+                data = self._pending[key]
+            self._write_one(key, data)
+            if time.monotonic() > deadline:
+                with self._lock:
+                    return not self._pending
 
     def _write_pending(self) -> None:
         # The lowest CPU priority (Linux: per thread): the cache is filled with the
@@ -192,20 +211,22 @@ class DiskBlockCache:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             with self._lock:
-                self._writing = False
-                self._wake.notify_all()  # flush waits for an empty queue and an idle writer
-                self._wake.wait_for(lambda: bool(self._pending))
-                key, data = next(iter(self._pending.items()))
-                self._writing = True
-            try:
-                self.put(key, data)
-            except Exception as exc:  # the writer must outlive any one block
-                log.warning("cannot cache block %s: %s", key, exc)
-            finally:
-                with self._lock:
-                    # Only now: until the file is in the index, `get` serves the queue.
-                    del self._pending[key]
-                    self._pending_bytes -= len(data)
+                self._wake.wait_for(lambda: bool(self._queue))
+                key = self._queue.popleft()
+                data = self._pending[key]
+            self._write_one(key, data)
+
+    def _write_one(self, key: str, data: bytes) -> None:
+        try:
+            self.put(key, data)
+        except Exception as exc:  # the writer must outlive any one block
+            log.warning("cannot cache block %s: %s", key, exc)
+        finally:
+            with self._lock:
+                # Only now: until the file is in the index, `get` serves the queue.
+                del self._pending[key]
+                self._pending_bytes -= len(data)
+                self._wake.notify_all()
 
     def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key` now (atomically: a reader sees all of it or nothing)."""
