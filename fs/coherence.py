@@ -315,7 +315,7 @@ class OwnRequests:
 
 
 def _fresh(exc: BaseException) -> BaseException:
-    """A new exception of the type of `exc` (so the errno the caller maps stays), without its traceback."""
+    """A new exception of the type of `exc` (the caller maps the type), without its traceback."""
     try:
         return copy.copy(exc)
     except Exception:  # a type that cannot be rebuilt from its args
@@ -359,10 +359,13 @@ def _no_abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
 
 
 class ObservedState:
-    """The state as the replica's follower sees it: it remembers the last batch applied.
+    """The state as the replica's folds see it: it remembers the last batch applied.
 
-    Only the follower thread applies, and it calls the listeners right after
-    `apply`, so `last_batch` is the batch a listener is told about.
+    A batch is applied by the follower thread or by the committer thread
+    folding its own appends (`Replica.submit_many`), one at a time under the
+    replica's fold lock, and whichever applies calls the listeners right
+    after `apply`, still holding that lock: so `last_batch` is the batch a
+    listener is told about.
     """
 
     def __init__(self, state: State) -> None:
@@ -393,7 +396,7 @@ class Invalidator:
         self.sent = 0
 
     def on_apply(self, result: ApplyResult) -> None:
-        """Replica listener (follower thread): queue what to invalidate; never blocks."""
+        """Replica listener (on the folding thread): queue what to invalidate; never blocks."""
         if not self._active or not (result.changed_inodes or result.changed_entries):
             return
         batch = self.observed.last_batch

@@ -170,7 +170,13 @@ class Replica:
         self._paused.clear()
 
     def add_listener(self, fn: Listener) -> None:
-        """Call `fn(result)` on the follower thread after every applied batch."""
+        """Call `fn(result)` after every applied batch, on the thread that folded it.
+
+        That is the follower thread, or the thread of a `submit_many` folding its
+        own appends (a mount's committer), always with the fold lock held and
+        one batch at a time. A listener must not block, and must not submit
+        or wait for the fold: the fold (and the committer) would wait for it.
+        """
         self._listeners.append(fn)
 
     @property
@@ -303,9 +309,16 @@ class Replica:
         if not entries:
             return [r for r in results if r is not None]
         deadline = time.monotonic() + timeout
+        # One span and one `append_duration` sample per batch, not per command: a
+        # committer's callers share them. The span names the commands' type if
+        # they all have one (a batch of one command), else "batch".
+        kinds = {type(env.command).__name__ for _, env in envs}
         with telemetry.tracer.start_as_current_span(
             telemetry.SPAN_SUBMIT,
-            attributes={telemetry.ATTR_COMMAND: "batch", **telemetry.attrs()},
+            attributes={
+                telemetry.ATTR_COMMAND: kinds.pop() if len(kinds) == 1 else "batch",
+                **telemetry.attrs(),
+            },
         ) as span:
             while True:
                 started = time.perf_counter()

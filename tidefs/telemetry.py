@@ -109,7 +109,7 @@ APPEND_DURATION = Metric(
     "tidefs.journal.append.duration",
     "histogram",
     "s",
-    "latency of appending one command to the log (durable)",
+    "latency of one durable append to the log: one command, or a mount's batch of them",
 )
 BACKLOG_BLOCKS = Metric(
     "tidefs.replicator.backlog.blocks", "gauge", "{block}", "blocks not yet copied to this region"
@@ -202,7 +202,11 @@ REGION_METRICS: tuple[Metric, ...] = (
 """What a mount with a replicator exports once it has served a few calls (the issue's list)."""
 
 SPAN_SUBMIT = "tidefs.submit"
-"""The span of one command: append to the log, then wait for this region to apply it."""
+"""The span of one append: append to the log, then wait for this region to apply it.
+
+One command (`tidefs.command` names its type), or a mount committer's batch
+of commands, whose callers share one span (`tidefs.command` names their type
+if they have one, else it is "batch")."""
 ATTR_OFFSET = "tidefs.log.offset"
 ATTR_COMMAND = "tidefs.command"
 
