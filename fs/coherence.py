@@ -259,7 +259,7 @@ class OwnRequests:
         _finish(unanswered)
 
     def _commit(self, batch: list[_Request]) -> None:
-        """Append, fold and answer one batch (committer thread); never raises."""
+        """Append, fold and answer one batch (committer thread); raises no Exception."""
         todo = [req for req in batch if req.ready is None or _ready(req)]
         now = time.monotonic()
         for req in todo:
