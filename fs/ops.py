@@ -178,22 +178,16 @@ class TideOps(pyfuse3.Operations):
         try:
             outcome = self.own.submit(command)
         except Exception as exc:
-            log.error("cannot submit %s: %s", type(command).__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        if not outcome.ok:
-            raise pyfuse3.FUSEError(outcome.errno)
-        return outcome
+            raise _unsubmitted(command, exc) from None
+        return _accepted(outcome)
 
     async def _submit_async(self, command: Command) -> Outcome:
         """Submit a command from the trio thread through the committer; FUSEError on rejection."""
         try:
             outcome = await self.own.submit_async(command)
         except Exception as exc:
-            log.error("cannot submit %s: %s", type(command).__name__, exc)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        if not outcome.ok:
-            raise pyfuse3.FUSEError(outcome.errno)
-        return outcome
+            raise _unsubmitted(command, exc) from None
+        return _accepted(outcome)
 
     def _attr(self, ino: int) -> Attr:
         attr = self.state.getattr(ino)
@@ -697,3 +691,16 @@ def _groups(pid: int) -> set[int]:
         return pyfuse3.get_sup_groups(pid)
     except Exception:  # the process may be gone already
         return set()
+
+
+def _accepted(outcome: Outcome) -> Outcome:
+    """`outcome` if the fold accepted the command, else FUSEError with its errno."""
+    if not outcome.ok:
+        raise pyfuse3.FUSEError(outcome.errno)
+    return outcome
+
+
+def _unsubmitted(command: Command, exc: Exception) -> pyfuse3.FUSEError:
+    """The error of a command that never got an outcome: logged, and EIO to the caller."""
+    log.error("cannot submit %s: %s", type(command).__name__, exc)
+    return pyfuse3.FUSEError(errno.EIO)

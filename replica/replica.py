@@ -26,12 +26,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from tidefs import telemetry
 from tidefs.journal import codec
 from tidefs.journal.commands import Command, Envelope, Outcome, new_request_id
 from tidefs.journal.log import JournalUnavailable, Log, Record
 from tidefs.replica.state import ApplyResult, State
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -320,20 +323,7 @@ class Replica:
                 **telemetry.attrs(),
             },
         ) as span:
-            while True:
-                started = time.perf_counter()
-                try:
-                    offsets = self.log.append_many(entries)
-                    break
-                except JournalUnavailable:
-                    # Some may have landed: the retry carries the same request ids.
-                    if time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.2)
-                finally:
-                    telemetry.append_duration.record(
-                        time.perf_counter() - started, telemetry.attrs()
-                    )
+            offsets = self._append(lambda: self.log.append_many(entries), deadline)
             span.set_attribute(telemetry.ATTR_OFFSET, offsets[-1])
             records = [
                 Record(offset, now, payload)
@@ -369,6 +359,25 @@ class Replica:
                     self._fail(FoldStopped(f"fold failed: {exc!r}"))
                     raise FoldStopped(str(exc)) from exc
 
+    @staticmethod
+    def _append(append: Callable[[], _T], deadline: float) -> _T:
+        """Run `append` until it succeeds or `deadline` passes, timing each attempt.
+
+        An append that failed with JournalUnavailable may still have landed,
+        so it is retried as it was, with the same request ids: the fold
+        applies each command once.
+        """
+        while True:
+            started = time.perf_counter()
+            try:
+                return append()
+            except JournalUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+            finally:
+                telemetry.append_duration.record(time.perf_counter() - started, telemetry.attrs())
+
     def submit(
         self,
         command: Command,
@@ -396,19 +405,7 @@ class Replica:
             telemetry.SPAN_SUBMIT,
             attributes={telemetry.ATTR_COMMAND: type(command).__name__, **telemetry.attrs()},
         ) as span:
-            while True:
-                started = time.perf_counter()
-                try:
-                    offset = self.log.append(payload, env.timestamp_ns)
-                    break
-                except JournalUnavailable:
-                    if time.monotonic() >= deadline:
-                        raise
-                    time.sleep(0.2)
-                finally:
-                    telemetry.append_duration.record(
-                        time.perf_counter() - started, telemetry.attrs()
-                    )
+            offset = self._append(lambda: self.log.append(payload, env.timestamp_ns), deadline)
             span.set_attribute(telemetry.ATTR_OFFSET, offset)
             if not self.wait_applied(offset, max(0.0, deadline - time.monotonic())):
                 raise SubmitTimeout(

@@ -24,6 +24,7 @@ import trio
 
 from tests.harness.kafka import KafkaBroker
 from tests.harness.mount import TidefsMount
+from tests.test_journal_contract import records_of
 from tidefs.fs.coherence import OwnRequests
 from tidefs.journal.commands import (
     ROOT_INODE,
@@ -37,7 +38,7 @@ from tidefs.journal.commands import (
     SetAttr,
     Unlink,
 )
-from tidefs.journal.log import JournalError, JournalUnavailable, Log, Record, open_log
+from tidefs.journal.log import JournalError, JournalUnavailable, open_log
 from tidefs.journal.sqlite import SqliteLog
 from tidefs.replica.replica import (
     CommandRejected,
@@ -52,18 +53,6 @@ from tidefs.replica.state import State
 REGIONS = (Region("a", "file:///unused-a"), Region("b", "file:///unused-b"))
 WAIT_BOUND = 30.0
 """Seconds a bounded wait may take before the test fails (the target is milliseconds)."""
-
-
-def records_of(lg: Log) -> list[Record]:
-    out: list[Record] = []
-    start, head = 0, lg.head()
-    while start < head:
-        batch = lg.read(start, max_records=500, timeout=1.0)
-        if not batch:
-            break
-        out += batch
-        start = batch[-1].offset + 1
-    return out
 
 
 @pytest.fixture
