@@ -10,9 +10,11 @@ log, a stopped broker) reads carry on through librdkafka with its errors.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -144,51 +146,54 @@ def test_two_followers_of_one_log_each_read_everything(
         assert [r.payload for r in records[1:]] == [f"r{i}".encode() for i in range(300)], name
 
 
+@contextlib.contextmanager
+def fetcher(
+    kafka_broker: KafkaBroker, volume: str, **options: Any
+) -> Iterator[tuple[KafkaLog, int, TailFetcher]]:
+    """A writer, the offset of its first record, and a tail fetcher started there."""
+    with KafkaLog(kafka_broker.bootstrap, volume) as writer:
+        first = writer.append(b"0")
+        address = writer._leader_address(time.monotonic() + 10)
+        tail = TailFetcher(address, writer.topic, first, timestamp_header="h", **options)
+        try:
+            yield writer, first, tail
+        finally:
+            tail.close()
+
+
 def test_a_reader_behind_the_window_is_refused(
     kafka_broker: KafkaBroker, journal_volume: str
 ) -> None:
     """The fetcher keeps a bounded window; a reader older than it must read elsewhere."""
-    with KafkaLog(kafka_broker.bootstrap, journal_volume) as writer:
-        first = writer.append(b"0")
-        host, port = writer._leader_address(time.monotonic() + 10)
-        tail = TailFetcher((host, port), writer.topic, first, timestamp_header="h", keep_records=8)
-        try:
-            offsets = [first] + [writer.append(str(i).encode()) for i in range(1, 40)]
-            deadline = time.monotonic() + 30
-            while not tail.covers(offsets[-1]) and time.monotonic() < deadline:
-                time.sleep(0.01)
-            newest = tail.take(offsets[-1], 10, 30.0)
-            assert newest is not None and [r.offset for r in newest] == [offsets[-1]]
-            assert tail.take(first, 10, 1.0) is None, "the oldest records were forgotten"
-            kept = tail.take(offsets[-8], 100, 1.0)
-            assert kept is not None and [r.offset for r in kept] == offsets[-8:]
-        finally:
-            tail.close()
+    with fetcher(kafka_broker, journal_volume, keep_records=8) as (writer, first, tail):
+        offsets = [first] + [writer.append(str(i).encode()) for i in range(1, 40)]
+        deadline = time.monotonic() + 30
+        while not tail.covers(offsets[-1]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        newest = tail.take(offsets[-1], 10, 30.0)
+        assert newest is not None and [r.offset for r in newest] == [offsets[-1]]
+        assert tail.take(first, 10, 1.0) is None, "the oldest records were forgotten"
+        kept = tail.take(offsets[-8], 100, 1.0)
+        assert kept is not None and [r.offset for r in kept] == offsets[-8:]
 
 
 def test_a_reader_ahead_of_the_fetch_is_served(
     kafka_broker: KafkaBroker, journal_volume: str
 ) -> None:
     """A fold that applied the records it appended itself reads on from beyond the fetch."""
-    with KafkaLog(kafka_broker.bootstrap, journal_volume) as writer:
-        first = writer.append(b"0")
-        host, port = writer._leader_address(time.monotonic() + 10)
-        tail = TailFetcher((host, port), writer.topic, first, timestamp_header="h", ahead=100)
-        try:
-            offsets = writer.append_many([(str(i).encode(), None) for i in range(1, 40)])
-            # Offsets not appended yet, so surely beyond what was fetched.
-            later: list[int] = []
-            appender = threading.Timer(
-                0.3, lambda: later.extend(writer.append_many([(b"x", None)] * 10))
-            )
-            appender.start()
-            assert tail.covers(offsets[-1] + 5)
-            got = tail.take(offsets[-1] + 5, 100, 30.0)
-            appender.join()
-            assert got is not None and [r.offset for r in got] == later[4:]
-            assert tail.take(later[-1] + 102, 1, 0.1) is None, "too far ahead: read elsewhere"
-        finally:
-            tail.close()
+    with fetcher(kafka_broker, journal_volume, ahead=100) as (writer, _first, tail):
+        offsets = writer.append_many([(str(i).encode(), None) for i in range(1, 40)])
+        # Offsets not appended yet, so surely beyond what was fetched.
+        later: list[int] = []
+        appender = threading.Timer(
+            0.3, lambda: later.extend(writer.append_many([(b"x", None)] * 10))
+        )
+        appender.start()
+        assert tail.covers(offsets[-1] + 5)
+        got = tail.take(offsets[-1] + 5, 100, 30.0)
+        appender.join()
+        assert got is not None and [r.offset for r in got] == later[4:]
+        assert tail.take(later[-1] + 102, 1, 0.1) is None, "too far ahead: read elsewhere"
 
 
 def test_compressed_log_is_read_through_librdkafka(
