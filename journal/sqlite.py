@@ -339,24 +339,15 @@ class SqliteLog(Log):
         progress) or waits until a leader has committed its record, or until
         it is asked to lead the next batch.
         """
-        entry = _Pending(_check_payload(payload), _check_timestamp(timestamp_ns))
-        with self._cond:
-            self._check_open()
-            self._queue.append(entry)
-            lead = not self._committing
-            self._committing = True
-        if not lead:
-            entry.wake.acquire()
-            if entry.done:
-                return entry.result()
-        self._lead()
-        return entry.result()
+        return self.append_many([(payload, timestamp_ns)])[0]
 
     def append_many(self, entries: Sequence[tuple[bytes, int | None]]) -> list[int]:
         """Append records in this order in one transaction; return their (consecutive) offsets.
 
         They are queued together, so whichever leader takes the queue commits
-        all of them in the same transaction, next to each other.
+        all of them in the same transaction, next to each other. The calling
+        thread leads, or waits until a leader committed them or handed it the
+        lead (its first record being the oldest queued).
         """
         batch = [_Pending(_check_payload(p), _check_timestamp(t)) for p, t in entries]
         if not batch:
