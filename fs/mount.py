@@ -435,12 +435,14 @@ class Mount:
         if self.data is not None:
             for ino, exc in self.data.close():
                 log.error("writes to inode %d could not be flushed: %s", ino, exc)
+        if self.own is not None:
+            # Commits the queued reclaims and waits for the committer's last batch
+            # (each is bounded): nothing may fold into the state once it is closed
+            # below. Later commands (the orphans ops.close drops) go straight to
+            # the replica.
+            self.own.close()
         if self.ops is not None:
             self.ops.close()
-        if self.own is not None:
-            # Waits for the committer's last batch (each is bounded): nothing may
-            # fold into the state once it is closed below.
-            self.own.close()
         if self.mounted:
             import pyfuse3
 

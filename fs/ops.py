@@ -259,8 +259,7 @@ class TideOps(pyfuse3.Operations):
         self.own.submit_later(Reclaim(inode=ino), done, ready=lambda: not self._is_open(ino))
 
     def close(self) -> None:
-        """At shutdown: finish queued reclaims, and drop the orphans still held open here."""
-        self.own.close()  # commits what is queued; later submits go straight to the replica
+        """At shutdown, after the committer closed: drop the orphans still held open here."""
         for ino in self.data.open_inodes():
             attr = self.state.getattr(ino)
             if attr is not None and attr.nlink == 0:
