@@ -700,10 +700,10 @@ class Replicator:
         return self._wait_idle(self._idle_target(), timeout)
 
     def _wait_idle(self, mark: tuple[float, int | None], timeout: float | None) -> bool:
-        self._want(mark[1])
         if self._thread is None:
             return self._drive_until_idle(math.inf if timeout is None else timeout, mark)
         since, target = mark
+        self._want(target)
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         with self._idle_cond:
             while not self._is_idle(since, target):
