@@ -635,7 +635,7 @@ class S3Store(BlockStore):
                 "s3", region_name=self.region, endpoint_url=endpoint, config=config
             )
             # Runs after boto3's own handlers of the event, which add the header.
-            self._client.meta.events.register_last("before-call.s3", _no_expect_for_small_body)
+            self._client.meta.events.register_last("before-call.s3", no_expect_for_small_body)
         except Exception as e:
             raise StoreConfigError(f"cannot configure S3 client for {self.url}: {e}") from e
         try:
@@ -860,8 +860,12 @@ class S3Store(BlockStore):
         self._client.close()
 
 
-def _no_expect_for_small_body(params: dict[str, Any], **_: Any) -> None:
-    """Drop boto3's `Expect: 100-continue` from uploads below `S3_EXPECT_CONTINUE_MIN`."""
+def no_expect_for_small_body(params: dict[str, Any], **_: Any) -> None:
+    """Drop boto3's `Expect: 100-continue` from uploads below `S3_EXPECT_CONTINUE_MIN`.
+
+    A `before-call.s3` handler of a boto3 client (registered last, after the
+    handler that adds the header); the benchmark's raw puts use it too.
+    """
     headers = params.get("headers")
     if not headers or "Expect" not in headers:
         return
