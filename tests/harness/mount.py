@@ -47,7 +47,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness.s3 import FAKE_AWS_ENV
+from tests.harness.s3 import use_fake_aws_env
 from tidefs.fs.mount import umount
 from tidefs.fs.volume import format_volume
 from tidefs.journal.commands import Region
@@ -257,11 +257,8 @@ def shared_mount(
         store_url = None
         if request.param == "s3":
             server = request.getfixturevalue("s3_server")
-            env = stack.enter_context(pytest.MonkeyPatch.context())
-            for name in [n for n in os.environ if n.startswith("AWS_")]:
-                env.delenv(name)
-            for name, value in FAKE_AWS_ENV.items():
-                env.setenv(name, value)  # the mount process inherits them
+            # The mount process inherits them.
+            use_fake_aws_env(stack.enter_context(pytest.MonkeyPatch.context()))
             server.start()
             bucket = server.create_bucket()
             stack.callback(server.drop_bucket, bucket)

@@ -230,14 +230,18 @@ def s3_server() -> Iterator[S3Server]:
         server.close()
 
 
+def use_fake_aws_env(env: pytest.MonkeyPatch) -> None:
+    """Through `env`: the fake AWS credentials and region, and no other AWS_* variable."""
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        env.delenv(name)
+    for name, value in FAKE_AWS_ENV.items():
+        env.setenv(name, value)
+
+
 @pytest.fixture
 def s3_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Fake AWS credentials and region for this test only; no other AWS_* variable."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    for name, value in FAKE_AWS_ENV.items():
-        monkeypatch.setenv(name, value)
+    use_fake_aws_env(monkeypatch)
     return dict(FAKE_AWS_ENV)
 
 
