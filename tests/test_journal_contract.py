@@ -526,6 +526,50 @@ def test_sqlite_groups_concurrent_appends(tmp_path: Path) -> None:
         assert lg.batches < 640 / 2, "concurrent appends were not committed together"
 
 
+def test_sqlite_writers_that_take_turns_on_one_file(tmp_path: Path) -> None:
+    """Two writers of one volume (two mounts on one machine) never reuse an offset.
+
+    Each writer appends straight after its own last record while nobody else
+    wrote in between; when the other writer did, it must notice and append
+    after the newest record instead.
+    """
+    from tidefs.journal.sqlite import SqliteLog
+
+    path = tmp_path / "log.db"
+    with SqliteLog(path, "vol") as a, SqliteLog(path, "vol") as b:
+        acked = {}
+        for i in range(6):
+            writer, other = (a, b) if i % 3 else (b, a)
+            for n in range(1 + i % 2):
+                payload = f"{i}-{n}".encode()
+                acked[writer.append(payload, 1_000 + i)] = payload
+            assert writer.head() == other.head() == len(acked)
+        assert sorted(acked) == list(range(len(acked)))
+        assert [(r.offset, r.payload) for r in a.read(0, 100)] == sorted(acked.items())
+        # Both kept appending after each other's records, timestamps included.
+        last_turn = min(o for o, p in acked.items() if p.startswith(b"5-"))
+        assert a.offset_for_time(1_005) == b.offset_for_time(1_005) == last_turn
+
+        gate = threading.Barrier(8)
+        got: list[tuple[int, bytes]] = []
+
+        def write(lg: SqliteLog, t: int) -> None:
+            gate.wait()
+            for i in range(25):
+                payload = f"t{t}-{i}".encode()
+                offset = lg.append(payload)
+                got.append((offset, payload))
+
+        workers = [threading.Thread(target=write, args=((a, b)[t % 2], t)) for t in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert len({o for o, _ in got}) == 200
+        stored = {r.offset: r.payload for r in b.read(len(acked), 1000)}
+        assert stored == dict(got)
+
+
 def test_sqlite_options_from_url_and_keywords(tmp_path: Path) -> None:
     from tidefs.journal.sqlite import SqliteLog
 
