@@ -55,6 +55,15 @@ READY = b"ready\n"
 FLUSH_TICK = 0.5
 """Seconds between checks for write buffers older than the flush interval."""
 
+SWITCH_INTERVAL_S = 0.0005
+"""How long a thread that wants the GIL waits before asking its holder to let go.
+
+The committer gives up the GIL at every SQLite step, RocksDB write and
+wake-up of trio, while the trio thread runs request after request. With
+Python's default of 5 ms, each of those returns waited ~0.2-0.5 ms behind
+trio; at 0.5 ms, 8 threads creating and removing files get ~10% more done
+and the mount spends less CPU per file (A/B in one session, same machine)."""
+
 
 class MountError(Exception):
     """A mount could not start; the message is the one line the user sees."""
@@ -525,6 +534,7 @@ def _serve(cfg: MountConfig, notify_fds: Sequence[int], *, echo_errors: bool) ->
 
     # Until the loop's own signal receiver takes over: leave through `finally`.
     signal.signal(signal.SIGTERM, stop_early)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     m = Mount(cfg)
     try:
         try:

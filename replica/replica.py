@@ -125,6 +125,9 @@ class Replica:
         self._cond = threading.Condition()
         self._fold_lock = threading.Lock()
         """Held while a batch is applied: by the follower, or by `submit_many` folding its own."""
+        self._own_batches = 0
+        """`submit_many` calls between their append and the fold of their own records (under
+        `_cond`): meanwhile the follower waits instead of reading those records back."""
         self._listeners: list[Listener] = []
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -195,6 +198,13 @@ class Replica:
                 self._parked.set()
                 self._stop.wait(0.05)
                 continue
+            with self._cond:
+                if self._own_batches:
+                    # A committer is appending records it will fold itself: reading
+                    # them back would only race it (and another writer's records
+                    # show up as a gap before its next batch, which it leaves to us).
+                    self._cond.wait(self.poll_timeout)
+                    continue
             try:
                 self.step(self.poll_timeout)
             except codec.CodecError as exc:
@@ -323,13 +333,20 @@ class Replica:
                 **telemetry.attrs(),
             },
         ) as span:
-            offsets = self._append(lambda: self.log.append_many(entries), deadline)
-            span.set_attribute(telemetry.ATTR_OFFSET, offsets[-1])
-            records = [
-                Record(offset, now, payload)
-                for offset, (payload, _) in zip(offsets, entries, strict=True)
-            ]
-            self._fold_own(records)
+            with self._cond:
+                self._own_batches += 1
+            try:
+                offsets = self._append(lambda: self.log.append_many(entries), deadline)
+                span.set_attribute(telemetry.ATTR_OFFSET, offsets[-1])
+                records = [
+                    Record(offset, now, payload)
+                    for offset, (payload, _) in zip(offsets, entries, strict=True)
+                ]
+                self._fold_own(records)
+            finally:
+                with self._cond:
+                    self._own_batches -= 1
+                    self._cond.notify_all()
             if not self.wait_applied(offsets[-1], max(0.0, deadline - time.monotonic())):
                 raise SubmitTimeout(
                     f"command at offset {offsets[-1]} not applied by region {self.region} "
