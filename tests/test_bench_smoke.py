@@ -45,5 +45,13 @@ def test_bench_fs_tiny_runs_every_workload_on_tmpfs_and_tidefs() -> None:
     assert by_target["tmpfs"] < by_target["tidefs-file"]
     assert "same blocks from the store, cold" in by_target["tidefs-file"]
     assert len(by_target["tmpfs"]) == 14
-    checks = {(c["target"], c["check"]) for c in report["targets"]}
-    assert ("tidefs-file", "create+stat+unlink, 8 threads (files/s)") in checks
+    checks = {(c["target"], c["check"]): c["value"] for c in report["targets"]}
+    # One file is three operations (create, stat, unlink): both readings of the target.
+    ops = checks[("tidefs-file", "create+stat+unlink, 8 threads (ops/s)")]
+    files = checks[("tidefs-file", "create+stat+unlink, 8 threads (files/s)")]
+    assert ops == pytest.approx(3 * files)
+    csu8 = next(
+        r for r in rows
+        if (r["target"], r["workload"]) == ("tidefs-file", "create+stat+unlink, 8 threads")
+    )  # fmt: skip
+    assert (csu8["unit"], csu8["value"]) == ("ops/s", ops)
