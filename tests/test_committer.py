@@ -26,9 +26,11 @@ from tests.harness.kafka import KafkaBroker
 from tests.harness.mount import TidefsMount
 from tests.test_journal_contract import records_of
 from tidefs.fs.coherence import OwnRequests
+from tidefs.journal import codec
 from tidefs.journal.commands import (
     ROOT_INODE,
     CreateVolume,
+    Envelope,
     Mkdir,
     Mknod,
     Noop,
@@ -37,6 +39,7 @@ from tidefs.journal.commands import (
     Rename,
     SetAttr,
     Unlink,
+    new_request_id,
 )
 from tidefs.journal.log import JournalError, JournalUnavailable, open_log
 from tidefs.journal.sqlite import SqliteLog
@@ -283,6 +286,61 @@ def test_a_paused_fold_holds_back_commands_from_the_committer(
         worker.join(WAIT_BOUND)
     assert got and got[0].ok
     assert replica.state.lookup(ROOT_INODE, b"late") == got[0].inode
+
+
+def test_another_writers_records_are_folded_while_the_committer_is_busy(
+    region_a: tuple[Replica, OwnRequests], journal_url: str, journal_volume: str
+) -> None:
+    """The follower leaves the committer's own batches to it, but never another writer's.
+
+    Region b appends (as its mount would, through its own log client) while
+    four threads keep region a's committer appending and folding its own
+    batches; each of b's records reaches a's state, and a's own commands all
+    get their outcomes.
+    """
+    replica, own = region_a
+    top = own.submit(Mkdir(ROOT_INODE, b"busy", 0o40755, 0, 0))
+    assert top.ok
+    stop = threading.Event()
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    def churn(t: int) -> None:
+        try:
+            for i in itertools.takewhile(lambda _: not stop.is_set(), range(2_000)):
+                name = b"t%d-%d" % (t, i)
+                assert own.submit(Mknod(top.inode, name, 0o100644, 0, 0, 0, True)).ok
+                assert own.submit(Unlink(top.inode, name)).ok
+                done.append(t)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        with open_log(journal_url, journal_volume) as b:
+            for i in range(20):
+                while (
+                    len(done) < 10 * (i + 1) and not errors and any(t.is_alive() for t in threads)
+                ):
+                    time.sleep(0.001)  # a's committer is mid-stream
+                env = Envelope(
+                    command=Mkdir(ROOT_INODE, b"from-b-%d" % i, 0o40755, 0, 0),
+                    origin="b",
+                    timestamp_ns=time.time_ns(),
+                    request_id=new_request_id(),
+                )
+                offset = b.append(codec.encode(env), env.timestamp_ns)
+                assert replica.wait_applied(offset, WAIT_BOUND), f"b's record {offset} not folded"
+                assert replica.state.lookup(ROOT_INODE, b"from-b-%d" % i) is not None
+        assert any(t.is_alive() for t in threads), "the committer went idle: nothing was tested"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(WAIT_BOUND)
+    assert not errors
+    assert list(replica.state.readdir(top.inode)) == []
 
 
 def test_commands_after_close_go_straight_to_the_replica(
