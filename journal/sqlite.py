@@ -10,9 +10,13 @@ integer id, and `records` is keyed by (volume id, offset). Offsets are
 allocated inside the write transaction as `max(offset) + 1`, so they are
 dense (0, 1, 2, ...) and two writers can never pick the same one: SQLite
 admits one writer at a time (`BEGIN IMMEDIATE` takes the write lock up front,
-and other processes wait for it up to the busy timeout). A record is a row
-written in a transaction, so a crash mid-append leaves either the whole row
-or nothing: a partially written record is never visible.
+and other processes wait for it up to the busy timeout). A writer that
+appended last appends again in one INSERT statement that also checks the
+newest offset is still its own (a write statement takes the lock before it
+reads); when another writer came in between, it inserts nothing and the
+append reads the newest offset under the lock. A record is a row written in
+a transaction, so a crash mid-append leaves either the whole row or
+nothing: a partially written record is never visible.
 
 Durability. WAL mode lets readers run beside the one writer without blocking
 it. `synchronous=FULL` makes every commit fsync the WAL, so an offset that
