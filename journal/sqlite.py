@@ -207,6 +207,10 @@ class SqliteLog(Log):
         self._last: tuple[int, int] | None = None
         """(offset, max_ts_ns) of the newest record this writer appended, unless an
         append failed since: where the next append expects to follow (`_insert_after`)."""
+        self._misses = 0
+        """Appends in a row whose `_insert_after` found another writer's record last."""
+        self._skip = 0
+        """Appends left that go straight to the locked path (`2 ** misses`, at most 64)."""
         # Readers borrow a connection each, so that concurrent reads never wait for one another.
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -281,7 +285,13 @@ class SqliteLog(Log):
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so that the
         # write lock is taken up front (IMMEDIATE) rather than on the first insert.
         conn = sqlite3.connect(
-            self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            self.path,
+            timeout=self.timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            # An append's statement text depends on its batch size (up to
+            # ROWS_PER_INSERT rows, on two paths): keep them all prepared.
+            cached_statements=2 * ROWS_PER_INSERT + 32,
         )
         try:
             conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
@@ -402,8 +412,14 @@ class SqliteLog(Log):
 
         def write() -> None:
             rows = None
-            if self._last is not None and len(batch) <= ROWS_PER_INSERT:
+            if self._skip:
+                self._skip -= 1
+            elif self._last is not None and len(batch) <= ROWS_PER_INSERT:
                 rows = self._insert_after(self._last, batch)
+                # Writers taking turns would each take the lock twice per append:
+                # after a miss, leave the guess alone for a while (longer each time).
+                self._misses = 0 if rows is not None else self._misses + 1
+                self._skip = 0 if rows is not None else min(2**self._misses, 64)
             if rows is None:
                 rows = self._insert_locked(batch)
             self._last = (rows[-1][1], rows[-1][3])

@@ -126,7 +126,7 @@ class Replica:
         self._fold_lock = threading.Lock()
         """Held while a batch is applied: by the follower, or by `submit_many` folding its own."""
         self._own_batches = 0
-        """`submit_many` calls between their append and the fold of their own records (under
+        """`submit_many` calls from an append attempt to the fold of their own records (under
         `_cond`): meanwhile the follower waits instead of reading those records back."""
         self._listeners: list[Listener] = []
         self._thread: threading.Thread | None = None
@@ -193,20 +193,26 @@ class Replica:
     # -- follower ----------------------------------------------------------
 
     def _run(self) -> None:
+        deferred: float | None = None  # since when this thread has left reads to a committer
         while not self._stop.is_set():
             if self._paused.is_set():
                 self._parked.set()
                 self._stop.wait(0.05)
                 continue
             with self._cond:
-                if self._own_batches:
+                busy = self._own_batches > 0
+                if busy and (deferred is None or time.monotonic() - deferred < self.poll_timeout):
                     # A committer is appending records it will fold itself: reading
-                    # them back would only race it (and another writer's records
-                    # show up as a gap before its next batch, which it leaves to us).
+                    # them back would only race it. Another writer's records show
+                    # up as a gap before its next batch, which it leaves to us; and
+                    # after `poll_timeout` of deferring (one slow append, or batch
+                    # after batch) we read whatever is there anyway.
+                    deferred = time.monotonic() if deferred is None else deferred
                     self._cond.wait(self.poll_timeout)
                     continue
+            deferred = None
             try:
-                self.step(self.poll_timeout)
+                self.step(0.0 if busy else self.poll_timeout)
             except codec.CodecError as exc:
                 log.error("fold stopped: %s", exc)
                 self._fail(FoldStopped(str(exc)))
@@ -333,10 +339,8 @@ class Replica:
                 **telemetry.attrs(),
             },
         ) as span:
-            with self._cond:
-                self._own_batches += 1
+            offsets = self._append(lambda: self._append_own(entries), deadline)
             try:
-                offsets = self._append(lambda: self.log.append_many(entries), deadline)
                 span.set_attribute(telemetry.ATTR_OFFSET, offsets[-1])
                 records = [
                     Record(offset, now, payload)
@@ -344,9 +348,7 @@ class Replica:
                 ]
                 self._fold_own(records)
             finally:
-                with self._cond:
-                    self._own_batches -= 1
-                    self._cond.notify_all()
+                self._end_own()
             if not self.wait_applied(offsets[-1], max(0.0, deadline - time.monotonic())):
                 raise SubmitTimeout(
                     f"command at offset {offsets[-1]} not applied by region {self.region} "
@@ -358,6 +360,26 @@ class Replica:
                 raise ReplicaError(f"no outcome recorded for the command at offset {offset}")
             results[i] = outcome
         return [r for r in results if r is not None]
+
+    def _append_own(self, entries: Sequence[tuple[bytes, int | None]]) -> list[int]:
+        """One attempt to append a batch that this thread folds itself (`_fold_own`).
+
+        The follower waits from here until `_end_own`, which a failed attempt
+        calls at once: a journal refusing appends must not hold back the fold
+        of what others already appended.
+        """
+        with self._cond:
+            self._own_batches += 1
+        try:
+            return self.log.append_many(entries)
+        except BaseException:
+            self._end_own()
+            raise
+
+    def _end_own(self) -> None:
+        with self._cond:
+            self._own_batches -= 1
+            self._cond.notify_all()
 
     def _fold_own(self, records: Sequence[Record]) -> None:
         """Fold records just appended here if they directly follow the applied offset."""

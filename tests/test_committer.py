@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -341,6 +342,59 @@ def test_another_writers_records_are_folded_while_the_committer_is_busy(
             t.join(WAIT_BOUND)
     assert not errors
     assert list(replica.state.readdir(top.inode)) == []
+
+
+def test_a_journal_refusing_the_committer_does_not_hold_back_others_records(
+    tmp_path: Path,
+) -> None:
+    """While the committer's appends keep failing, what others appended is still folded.
+
+    The committer retries a refused append until its deadline; the follower
+    must not leave the log to it all that time. Here another connection
+    holds SQLite's write lock, so each of the committer's attempts times out
+    (0.3 s) and is retried, while region b's record is already in the log.
+    """
+    path = tmp_path / "log.db"
+    url = f"sqlite://{path}?timeout=0.3"
+    replica = Replica(open_log(url, "vol"), State.open(tmp_path / "a"), "a").start()
+    own = OwnRequests(replica)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    submitter: threading.Thread | None = None
+    try:
+        assert own.submit(CreateVolume(name="vol", regions=REGIONS, primary="a")).ok
+        replica.pause()
+        with open_log(url, "vol") as b:
+            env = Envelope(
+                command=Mkdir(ROOT_INODE, b"from-b", 0o40755, 0, 0),
+                origin="b",
+                timestamp_ns=time.time_ns(),
+                request_id=new_request_id(),
+            )
+            offset = b.append(codec.encode(env), env.timestamp_ns)
+        blocker.execute("BEGIN IMMEDIATE")
+        got: list[Outcome] = []
+        submitter = threading.Thread(
+            target=lambda: got.append(own.submit(Mkdir(ROOT_INODE, b"mine", 0o40755, 0, 0)))
+        )
+        submitter.start()
+        deadline = time.monotonic() + WAIT_BOUND
+        while replica._own_batches == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)  # until the committer is in its first attempt
+        replica.resume()
+        assert replica.wait_applied(offset, WAIT_BOUND / 3), "b's record waited for the committer"
+        assert replica.state.lookup(ROOT_INODE, b"from-b") is not None
+        assert submitter.is_alive() and not got  # still refused: nothing of its own landed
+    finally:
+        if blocker.in_transaction:
+            blocker.execute("ROLLBACK")
+        blocker.close()
+        if submitter is not None:
+            submitter.join(WAIT_BOUND)
+        own.close()
+        replica.stop()
+        replica.state.close()
+        replica.log.close()
+    assert got and got[0].ok  # once the lock is free, the retried append lands
 
 
 def test_commands_after_close_go_straight_to_the_replica(
