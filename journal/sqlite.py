@@ -411,11 +411,12 @@ class SqliteLog(Log):
         """Write `batch` in one transaction; set each entry's offset or error."""
 
         def write() -> None:
+            last, self._last = self._last, None  # unknown again unless this append succeeds
             rows = None
             if self._skip:
                 self._skip -= 1
-            elif self._last is not None and len(batch) <= ROWS_PER_INSERT:
-                rows = self._insert_after(self._last, batch)
+            elif last is not None and len(batch) <= ROWS_PER_INSERT:
+                rows = self._insert_after(last, batch)
                 # Writers taking turns would each take the lock twice per append:
                 # after a miss, leave the guess alone for a while (longer each time).
                 self._misses = 0 if rows is not None else self._misses + 1
@@ -429,13 +430,9 @@ class SqliteLog(Log):
         try:
             self._guard(f"append of {len(batch)} record(s)", write)
         except JournalError as exc:
-            self._last = None
             for pending in batch:
                 pending.error = exc
             return
-        except BaseException:
-            self._last = None
-            raise
         self.batches += 1
         self._notifier.bump()
 
