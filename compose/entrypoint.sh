@@ -1,6 +1,7 @@
 #!/bin/sh
 # Start one region of the compose deployment: format the volume (primary region
-# only, once), wait until it exists, then serve the mount with its metrics.
+# only, once), wait until it exists, then serve the mount with its metrics (on
+# every interface of the container: Prometheus scrapes it over the compose network).
 set -eu
 : "${TIDEFS_VOLUME:?}" "${TIDEFS_JOURNAL:?}" "${TIDEFS_REGION:?}"
 MNT=/mnt/tidefs
@@ -26,4 +27,4 @@ done
 
 exec tidefs mount "$TIDEFS_VOLUME" "$MNT" --journal "$TIDEFS_JOURNAL" --region "$TIDEFS_REGION" \
     --state-dir /var/lib/tidefs/state --cache-dir /var/lib/tidefs/cache \
-    --metrics-port "${TIDEFS_METRICS_PORT:-9464}" --foreground
+    --metrics-addr "0.0.0.0:${TIDEFS_METRICS_PORT:-9464}" --foreground

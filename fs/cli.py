@@ -124,9 +124,34 @@ def cmd_format(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_addr(text: str) -> tuple[str, int]:
+    from tidefs import telemetry
+
+    try:
+        return telemetry.parse_metrics_addr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _metrics_where(args: argparse.Namespace) -> tuple[str, int | None]:
+    """(host, port) of the metrics endpoint: `--metrics-port P` is loopback only."""
+    from tidefs import telemetry
+
+    if args.metrics_addr is not None:
+        if args.metrics_port is not None:
+            raise CliUsageError("--metrics-addr and --metrics-port exclude each other")
+        return args.metrics_addr
+    return telemetry.DEFAULT_METRICS_HOST, args.metrics_port
+
+
+class CliUsageError(Exception):
+    """A usage error found after parsing: one line, exit code 2."""
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
     from tidefs.fs.mount import run_mount
 
+    metrics_host, metrics_port = _metrics_where(args)
     return run_mount(
         args.volume,
         args.mountpoint,
@@ -138,9 +163,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         foreground=args.foreground,
         replicate=args.replicate,
         max_staleness=args.max_staleness,
-        metrics_port=args.metrics_port,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
         write_through=args.write_through,
         store_timeout=args.store_timeout,
+        private=args.private,
+        nonempty=args.nonempty,
+        strict=args.strict,
     )
 
 
@@ -196,6 +225,7 @@ def cmd_replicate(args: argparse.Namespace) -> int:
     from tidefs.replica.replicator import run_replicator
 
     state_dir = args.state_dir or default_state_dir(args.volume, args.region) + ".replicate"
+    metrics_host, metrics_port = _metrics_where(args)
     return run_replicator(
         args.volume,
         args.journal,
@@ -205,7 +235,8 @@ def cmd_replicate(args: argparse.Namespace) -> int:
         bandwidth_limit=args.bandwidth_limit,
         once=args.once,
         timeout=args.timeout,
-        metrics_port=args.metrics_port,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
 
 
@@ -409,6 +440,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--metrics-port", type=int, metavar="PORT")
     sp.add_argument(
+        "--metrics-addr",
+        type=_metrics_addr,
+        metavar="HOST:PORT",
+        help="serve metrics on HOST:PORT (--metrics-port P is 127.0.0.1:P; 0.0.0.0:P is every interface)",
+    )
+    sp.add_argument(
+        "--private",
+        action="store_true",
+        help="only the mounting user may use the mount (root's mounts serve every user otherwise)",
+    )
+    sp.add_argument(
+        "--nonempty",
+        action="store_true",
+        help="mount even over a directory that holds files (hiding them while mounted)",
+    )
+    sp.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse to mount when local state, cache, store or log files are open to other users",
+    )
+    sp.add_argument(
         "--write-through",
         choices=("primary",),
         help="also put every block into the primary region's store before acknowledging",
@@ -448,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
     sp.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on PORT"
+    )
+    sp.add_argument(
+        "--metrics-addr",
+        type=_metrics_addr,
+        metavar="HOST:PORT",
+        help="serve metrics on HOST:PORT (--metrics-port P is 127.0.0.1:P)",
     )
     sp.set_defaults(func=cmd_replicate)
 
@@ -544,6 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tidefs: interrupted", file=sys.stderr)
         return 130
+    except CliUsageError as exc:
+        print(f"tidefs {args.command}: {exc}", file=sys.stderr)
+        return 2
     except _error_types() as exc:
         print(f"tidefs {args.command}: {exc}", file=sys.stderr)
         return 1

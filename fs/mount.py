@@ -89,6 +89,10 @@ class MountConfig:
     attr_timeout: float = 1.0
     write_through: str | None = None
     store_timeout: float = 5.0
+    metrics_host: str = telemetry.DEFAULT_METRICS_HOST
+    private: bool = False
+    nonempty: bool = False
+    strict: bool = False
 
 
 WRITE_THROUGH_CHOICES = ("primary",)
@@ -141,6 +145,11 @@ def check_config(cfg: MountConfig) -> None:
         raise MountError(f"mount point {cfg.mountpoint} does not exist or is not a directory")
     if os.path.ismount(cfg.mountpoint):
         raise MountError(f"{cfg.mountpoint} is already a mount point")
+    if not cfg.nonempty and _has_entries(cfg.mountpoint):
+        raise MountError(
+            f"mount point {cfg.mountpoint} is not empty: the mount would hide its contents "
+            "(use --nonempty to mount over them anyway)"
+        )
     if not os.path.exists("/dev/fuse"):
         raise MountError(
             "/dev/fuse is missing: load the fuse module or run with --device /dev/fuse"
@@ -153,6 +162,15 @@ def check_config(cfg: MountConfig) -> None:
         raise MountError(f"write-through must be one of {WRITE_THROUGH_CHOICES}")
     if cfg.store_timeout <= 0:
         raise MountError(f"store timeout must be positive, not {cfg.store_timeout}")
+
+
+def _has_entries(path: str) -> bool:
+    """Whether directory `path` holds anything (an unreadable one counts as empty)."""
+    try:
+        with os.scandir(path) as it:
+            return next(it, None) is not None
+    except OSError:
+        return False
 
 
 # -- the mounted file system ---------------------------------------------------
@@ -289,9 +307,11 @@ class Mount:
             )
         )
         try:
-            telemetry.start_exporters(cfg.metrics_port)
+            telemetry.start_exporters(cfg.metrics_port, host=cfg.metrics_host)
         except OSError as exc:
-            raise MountError(f"cannot serve metrics on port {cfg.metrics_port}: {exc}") from exc
+            raise MountError(
+                f"cannot serve metrics on {cfg.metrics_host} port {cfg.metrics_port}: {exc}"
+            ) from exc
 
     # -- mounting and serving ----------------------------------------------
 
@@ -306,7 +326,9 @@ class Mount:
             "subtype=tidefs",
             "noatime",
         }
-        if os.geteuid() == 0:
+        # Root's mounts serve every user (the kernel checks permissions:
+        # default_permissions); --private keeps any mount to its owner alone.
+        if os.geteuid() == 0 and not cfg.private:
             options.add("allow_other")
         assert self.ops is not None
         try:
@@ -582,6 +604,10 @@ def run_mount(
     attr_timeout: float = 1.0,
     write_through: str | None = None,
     store_timeout: float = 5.0,
+    metrics_host: str = telemetry.DEFAULT_METRICS_HOST,
+    private: bool = False,
+    nonempty: bool = False,
+    strict: bool = False,
 ) -> int:
     """Mount `volume` at `mountpoint` for `region`; return the process exit code.
 
@@ -599,6 +625,10 @@ def run_mount(
     `write_through="primary"` also puts every block into the primary region's
     store before its command is appended; `store_timeout` bounds each call to
     a store (a read that needs an unreachable store fails with EIO after it).
+    Metrics are served on `metrics_host` (loopback unless told) port
+    `metrics_port`. `private` leaves out allow_other (only the mounting user
+    may enter); `nonempty` allows mounting over a directory that holds files;
+    `strict` refuses local files that other users can read instead of warning.
     """
     cfg = MountConfig(
         volume=volume,
@@ -617,6 +647,10 @@ def run_mount(
         attr_timeout=attr_timeout,
         write_through=write_through,
         store_timeout=store_timeout,
+        metrics_host=metrics_host,
+        private=private,
+        nonempty=nonempty,
+        strict=strict,
     )
     try:
         check_config(cfg)
@@ -893,6 +927,13 @@ def umount(mountpoint: str, *, timeout: float = 60.0) -> int:
 # -- python -m tidefs.fs.mount -------------------------------------------------
 
 
+def _metrics_addr(text: str) -> tuple[str, int]:
+    try:
+        return telemetry.parse_metrics_addr(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Mount from the command line (the test harness's entry point; `tidefs mount` is the CLI's)."""
     p = argparse.ArgumentParser(prog="python -m tidefs.fs.mount")
@@ -907,6 +948,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-replicate", dest="replicate", action="store_false")
     p.add_argument("--max-staleness", type=float)
     p.add_argument("--metrics-port", type=int)
+    p.add_argument("--metrics-addr", type=_metrics_addr)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--nonempty", action="store_true")
+    p.add_argument("--strict", action="store_true")
     p.add_argument("--ready-fd", type=int)
     p.add_argument("--flush-interval", type=float, default=2.0)
     p.add_argument("--compact-threshold", type=int, default=16)
@@ -923,6 +968,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.umount:
         return umount(args.mountpoint)
+    if args.metrics_addr is not None and args.metrics_port is not None:
+        p.error("--metrics-addr and --metrics-port exclude each other")
+    host, port = args.metrics_addr or (telemetry.DEFAULT_METRICS_HOST, args.metrics_port)
     return run_mount(
         args.volume,
         args.mountpoint,
@@ -934,7 +982,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         foreground=args.foreground,
         replicate=args.replicate,
         max_staleness=args.max_staleness,
-        metrics_port=args.metrics_port,
+        metrics_port=port,
+        metrics_host=host,
+        private=args.private,
+        nonempty=args.nonempty,
+        strict=args.strict,
         ready_fd=args.ready_fd,
         flush_interval=args.flush_interval,
         compact_threshold=args.compact_threshold,

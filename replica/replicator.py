@@ -1107,6 +1107,7 @@ def run_replicator(
     stop: threading.Event | None = None,
     report_interval: float = 30.0,
     metrics_port: int | None = None,
+    metrics_host: str = telemetry.DEFAULT_METRICS_HOST,
 ) -> int:
     """Run the block replicator of `region` for `volume`; return the process exit code.
 
@@ -1117,8 +1118,8 @@ def run_replicator(
     the same time; both skip blocks the other already copied.
 
     Runs until SIGINT/SIGTERM (or `stop` is set), logging the backlog every
-    `report_interval` seconds, and serving Prometheus metrics on `metrics_port`
-    (see `tidefs.telemetry`). With `once`, returns 0 as soon as everything
+    `report_interval` seconds, and serving Prometheus metrics on `metrics_host`
+    port `metrics_port` (see `tidefs.telemetry`). With `once`, returns 0 as soon as everything
     appended before the start is copied, or 1 if `timeout` passes first.
     Operational errors print one line on stderr and return 1.
     """
@@ -1193,9 +1194,11 @@ def run_replicator(
             )
         )
         try:
-            telemetry.start_exporters(metrics_port)
+            telemetry.start_exporters(metrics_port, host=metrics_host)
         except OSError as exc:
-            raise ReplicatorError(f"cannot serve metrics on port {metrics_port}: {exc}") from exc
+            raise ReplicatorError(
+                f"cannot serve metrics on {metrics_host} port {metrics_port}: {exc}"
+            ) from exc
         deadline = math.inf if timeout is None else time.monotonic() + timeout
         next_report = time.monotonic() + report_interval
         mark = replicator._idle_target()  # --once: everything appended before now

@@ -160,4 +160,6 @@ def test_the_entrypoint_uses_real_cli_options() -> None:
         argv = [re.sub(r"\$\{?[A-Z_]+(:-[^}]*)?\}?", "9464", a) for a in argv]
         args = parser.parse_args(argv)
         if argv[0] == "mount":
-            assert args.metrics_port == 9464 and args.foreground
+            # Explicitly on every interface: Prometheus scrapes from another container.
+            assert args.metrics_addr == ("0.0.0.0", 9464) and args.foreground
+            assert args.metrics_port is None

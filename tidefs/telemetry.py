@@ -14,7 +14,7 @@ process by `configure`), plus its own (`op`, `errno`, `level`, ...).
 
 The instruments are created against the global meter and tracer providers,
 which are no-ops until `start_exporters` installs real ones: code records
-unconditionally, and a process without `--metrics-port` or
+unconditionally, and a process without `--metrics-port` (or `--metrics-addr`) or
 `OTEL_EXPORTER_OTLP_ENDPOINT` pays almost nothing.
 
 What "lag" means here: the records appended to the volume's log that this
@@ -418,10 +418,27 @@ def observe_region(sources: RegionSources) -> None:
 _shutdown: list[Callable[[], object]] = []
 
 
-def start_exporters(port: int | None, *, host: str = "") -> bool:
+DEFAULT_METRICS_HOST = "127.0.0.1"
+"""Where `--metrics-port` serves: this machine only; `--metrics-addr` exposes it on purpose."""
+
+
+def parse_metrics_addr(text: str) -> tuple[str, int]:
+    """Parse `HOST:PORT` (`[V6]:PORT` for IPv6; `0.0.0.0:P` is every interface).
+
+    Raises ValueError with a message fit for a usage error.
+    """
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"expected HOST:PORT with a port from 1 to 65535, not {text!r}")
+    return host, int(port_text)
+
+
+def start_exporters(port: int | None, *, host: str = DEFAULT_METRICS_HOST) -> bool:
     """Install the meter (and tracer) providers: Prometheus on `port`, OTLP when configured.
 
-    Prometheus is served on all interfaces unless `host` names one. OTLP/HTTP
+    Prometheus is served on `host` only (loopback unless told). OTLP/HTTP
     is used when OTEL_EXPORTER_OTLP_ENDPOINT is set (the standard OTEL_*
     variables tune it, e.g. OTEL_METRIC_EXPORT_INTERVAL in ms). Returns
     whether anything was installed. Raises OSError if the port is taken.
@@ -435,9 +452,9 @@ def start_exporters(port: int | None, *, host: str = "") -> bool:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr=host or "0.0.0.0")
+        start_http_server(port, addr=host)
         readers.append(PrometheusMetricReader())
-        log.info("serving metrics on port %d", port)
+        log.info("serving metrics on %s port %d", host, port)
     otlp = bool(os.environ.get(OTLP_ENV))
     resource = Resource.create(
         {"service.name": "tidefs", **{f"tidefs.{k}": v for k, v in _base.items()}}
