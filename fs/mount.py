@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import logging
 import os
+import re
+import select
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -114,12 +120,6 @@ def default_cache_dir(volume: str, region: str) -> str:
     return os.path.join(_xdg("XDG_CACHE_HOME", ".cache"), "tidefs", volume, region)
 
 
-def _runtime_dir() -> str:
-    """Where mounts record their daemon's pid for `umount`: $XDG_RUNTIME_DIR/tidefs."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    return os.path.join(base, "tidefs") if base else f"/tmp/tidefs-{os.getuid()}"
-
-
 def canonical_mountpoint(path: str) -> str:
     """Resolve `path` without touching the mount point itself.
 
@@ -128,12 +128,6 @@ def canonical_mountpoint(path: str) -> str:
     """
     path = os.path.abspath(path)
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-
-
-def _record_path(mountpoint: str) -> str:
-    """The pid record of the mount at `mountpoint` (already canonical)."""
-    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:24]
-    return os.path.join(_runtime_dir(), f"{digest}.json")
 
 
 # -- configuration checks ------------------------------------------------------
@@ -653,6 +647,9 @@ def run_mount(
         strict=strict,
     )
     try:
+        note = detach_dead_mount(cfg.mountpoint)
+        if note is not None:
+            print(f"tidefs mount: {note}", file=sys.stderr)
         check_config(cfg)
     except MountError as exc:
         print(f"tidefs mount: {exc}", file=sys.stderr)
@@ -725,45 +722,222 @@ def _detach_stdio(cfg: MountConfig) -> None:
 
 
 # -- the record that lets umount find the daemon --------------------------------
+#
+# A record names the process serving a mount point. Anyone who can write where
+# records live could make `umount` signal any process, so records live only in
+# a directory the user owns and nobody else may write, and a record is
+# believed only after the process it names is proven to serve that mount.
+
+
+def _private_dir_ok(path: str) -> bool:
+    """Whether `path` is a real directory of this user that nobody else may write."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def _primary_record_dir() -> str:
+    """$XDG_RUNTIME_DIR/tidefs; else /run/tidefs for root, /tmp/tidefs-UID for others."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return os.path.join(base, "tidefs")
+    uid = os.geteuid()
+    return "/run/tidefs" if uid == 0 else os.path.join("/tmp", f"tidefs-{uid}")
+
+
+def _fallback_record_dirs() -> list[str]:
+    """Private directories used when the primary one is squatted, oldest first."""
+    pattern = os.path.join(tempfile.gettempdir(), f"tidefs-{os.geteuid()}-*")
+    found = [p for p in glob.glob(pattern) if _private_dir_ok(p)]
+    return sorted(found, key=lambda p: (os.lstat(p).st_mtime, p))
+
+
+def _record_dirs() -> list[str]:
+    """Every directory whose records may be believed (owned by this user, private)."""
+    primary = _primary_record_dir()
+    return ([primary] if _private_dir_ok(primary) else []) + _fallback_record_dirs()
+
+
+def _record_dir() -> str:
+    """The directory to write records into, created private if missing.
+
+    A primary directory that another user made (or may write) is not used:
+    a private one under the temporary directory takes its place.
+    """
+    primary = _primary_record_dir()
+    with contextlib.suppress(FileExistsError, FileNotFoundError):
+        os.mkdir(primary, 0o700)
+    if _private_dir_ok(primary):
+        return primary
+    fallbacks = _fallback_record_dirs()
+    if fallbacks:
+        return fallbacks[0]
+    made = tempfile.mkdtemp(prefix=f"tidefs-{os.geteuid()}-")
+    log.warning(
+        "%s belongs to another user or is writable by others: mount records go to %s",
+        primary,
+        made,
+    )
+    return made
+
+
+def _record_name(mountpoint: str) -> str:
+    """The file name of the record of the mount at `mountpoint` (already canonical)."""
+    return hashlib.sha256(mountpoint.encode()).hexdigest()[:24] + ".json"
+
+
+def _record_path(mountpoint: str) -> str:
+    """Where the mount at `mountpoint` (already canonical) writes its record."""
+    return os.path.join(_record_dir(), _record_name(mountpoint))
+
+
+@dataclass(frozen=True)
+class _KernelMount:
+    """One line of /proc/self/mountinfo: a mount as the kernel sees it."""
+
+    dev: str  # MAJOR:MINOR; for FUSE, the minor is the connection's number
+    fstype: str
+    super_options: str
+
+    @property
+    def owner(self) -> int | None:
+        """The uid of a FUSE mount's owner (its user_id option)."""
+        for opt in self.super_options.split(","):
+            if opt.startswith("user_id="):
+                with contextlib.suppress(ValueError):
+                    return int(opt.removeprefix("user_id="))
+        return None
+
+    @property
+    def is_tidefs(self) -> bool:
+        return self.fstype == "fuse.tidefs"
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _kernel_mount(mountpoint: str) -> _KernelMount | None:
+    """The topmost mount at `mountpoint` (canonical) in this mount namespace, if any."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, rest = left.split(), right.split()
+                if len(fields) < 5 or len(rest) < 3:
+                    continue
+                if _unescape_mountinfo(fields[4]) == mountpoint:
+                    found = _KernelMount(fields[2], rest[0], rest[2])
+    except OSError:
+        return None
+    return found
+
+
+def _start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot): None if it is gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _uids(pid: int) -> list[int]:
+    """The real, effective, saved and file-system uids of process `pid`."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return [int(u) for u in line.split()[1:]]
+    return []
+
+
+def _holds_fuse_device(pid: int) -> bool:
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
+                return True
+    return False
 
 
 def _write_record(cfg: MountConfig) -> None:
+    pid = os.getpid()
+    kernel = _kernel_mount(cfg.mountpoint)
     record = {
-        "pid": os.getpid(),
+        "pid": pid,
+        "start": _start_time(pid),
+        "uid": os.geteuid(),
+        "dev": kernel.dev if kernel is not None else None,
         "mountpoint": cfg.mountpoint,
         "volume": cfg.volume,
         "journal_url": cfg.journal_url,
         "region": cfg.region,
         "state_dir": cfg.state_dir,
     }
-    path = _record_path(cfg.mountpoint)
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        path = _record_path(cfg.mountpoint)
+        tmp = f"{path}.{pid}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump(record, f)
         os.replace(tmp, path)
-        with open(os.path.join(cfg.state_dir, "mount.pid"), "w") as f:
-            f.write(f"{os.getpid()}\n")
+        fd = os.open(
+            os.path.join(cfg.state_dir, "mount.pid"),
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+            0o600,
+        )
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{pid}\n")
     except OSError as exc:
         log.warning("cannot record the mount for umount: %s", exc)
 
 
 def _read_record(path: str) -> dict[str, Any] | None:
+    """The record at `path` if it is a file of this user's (in a directory checked before)."""
     try:
-        with open(path) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return None
+        with os.fdopen(fd) as f:
+            fd = -1
             record = json.load(f)
-        return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
     except (OSError, ValueError):
         return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return record if isinstance(record, dict) and isinstance(record.get("pid"), int) else None
+
+
+def _find_records(mountpoint: str) -> list[tuple[str, dict[str, Any]]]:
+    """The believable records of the mount at `mountpoint` (canonical): (path, record)."""
+    out = []
+    for directory in _record_dirs():
+        path = os.path.join(directory, _record_name(mountpoint))
+        record = _read_record(path)
+        if record is not None and record.get("mountpoint") == mountpoint:
+            out.append((path, record))
+    return out
 
 
 def _remove_record(cfg: MountConfig) -> None:
-    path = _record_path(cfg.mountpoint)
-    record = _read_record(path)
-    if record is not None and record["pid"] == os.getpid():
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+    for path, record in _find_records(cfg.mountpoint):
+        if record["pid"] == os.getpid():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
     pidfile = os.path.join(cfg.state_dir, "mount.pid")
     with contextlib.suppress(OSError, ValueError):
         with open(pidfile) as f:
@@ -772,15 +946,106 @@ def _remove_record(cfg: MountConfig) -> None:
             os.unlink(pidfile)
 
 
+def _open_server(record: dict[str, Any], mountpoint: str) -> int | None:
+    """A pidfd of the process that `record` names, if it provably serves `mountpoint`.
+
+    Proof: the mount point is a tidefs FUSE mount of this user's whose
+    connection is the one the record names, and the process runs under this
+    user's uid, started when the record says, and holds /dev/fuse open. The
+    pidfd is opened before the checks, so a PID reused meanwhile cannot be
+    signalled through it (the signal fails instead). None otherwise.
+    """
+    uid = os.geteuid()
+    kernel = _kernel_mount(mountpoint)
+    if kernel is None or not kernel.is_tidefs or kernel.owner != uid:
+        return None
+    if record.get("dev") != kernel.dev or record.get("uid") != uid:
+        return None
+    pid = record["pid"]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        start = _start_time(pid)
+        proven = (
+            start is not None
+            and start == record.get("start")
+            and _uids(pid)[:2] == [uid, uid]
+            and _holds_fuse_device(pid)
+        )
+    except (OSError, ValueError):
+        proven = False
+    if not proven:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _dead_mount(mountpoint: str) -> bool:
+    """Whether `mountpoint` is a tidefs mount of this user's whose process is gone.
+
+    The kernel keeps the mount of a killed FUSE process; every access to it
+    fails with ENOTCONN until it is detached.
+    """
+    kernel = _kernel_mount(mountpoint)
+    if kernel is None or not kernel.is_tidefs or kernel.owner != os.geteuid():
+        return False
+    try:
+        os.stat(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def _detach(mountpoint: str, *, lazy: bool) -> str | None:
+    """fusermount3 -u (-z) `mountpoint`; None, or the reason it failed."""
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mountpoint]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode == 0:
+        return None
+    return proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+
+
+def _forget_stale_records(mountpoint: str) -> list[int]:
+    """Remove the records at `mountpoint` whose process is gone; return their pids."""
+    gone = []
+    for path, record in _find_records(mountpoint):
+        start = _start_time(record["pid"])
+        if start is None or start != record.get("start"):
+            gone.append(record["pid"])
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return gone
+
+
+def detach_dead_mount(mountpoint: str) -> str | None:
+    """Detach a killed tidefs mount left at `mountpoint`; say what was done (None: nothing)."""
+    mp = canonical_mountpoint(mountpoint)
+    if not _dead_mount(mp):
+        return None
+    gone = _forget_stale_records(mp)
+    why = _detach(mp, lazy=True)
+    if why is not None:
+        raise MountError(f"cannot detach the dead mount at {mp}: {why}")
+    by = f" (process {gone[0]})" if gone else ""
+    return f"detached the dead mount at {mp}: the tidefs process that served it{by} is gone"
+
+
 def mount_record(mountpoint: str) -> dict[str, Any] | None:
     """Describe the live tidefs mount at `mountpoint`, None if there is none.
 
-    Keys: pid, mountpoint, volume, journal_url, region, state_dir.
+    Only a record whose process is proven to serve that mount (see
+    `_open_server`) counts. Keys: pid, mountpoint, volume, journal_url,
+    region, state_dir (and start, uid, dev: what the proof compares).
     """
-    record = _read_record(_record_path(canonical_mountpoint(mountpoint)))
-    if record is None or not _alive(record["pid"]):
-        return None
-    return record
+    mp = canonical_mountpoint(mountpoint)
+    for _path, record in _find_records(mp):
+        pidfd = _open_server(record, mp)
+        if pidfd is not None:
+            os.close(pidfd)
+            return record
+    return None
 
 
 def sync_mount(mountpoint: str, *, timeout: float = 60.0, data: bool = False) -> int:
@@ -879,46 +1144,56 @@ def _sync_data(mountpoint: str, record: dict[str, Any], deadline: float) -> int:
     return 0
 
 
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie waiting for its parent counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return fields[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+def _wait_exit(pidfd: int, timeout: float) -> bool:
+    """Wait until the process of `pidfd` has exited; False if `timeout` passed first."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 def umount(mountpoint: str, *, timeout: float = 60.0) -> int:
     """Flush and unmount a tidefs mount; return the exit code (errors as one stderr line).
 
-    The daemon serving `mountpoint` is asked to stop (SIGTERM), which flushes
-    every buffered write before it unmounts; this waits until it has exited.
-    A mount without a live daemon is detached with fusermount3.
+    The process proven to serve `mountpoint` (`_open_server`) is asked to
+    stop (SIGTERM through its pidfd), which flushes every buffered write
+    before it unmounts; this waits until it has exited. A dead mount (its
+    process was killed) is detached and reported. A mount without a record
+    proven to serve it is left to `fusermount3 -u`, which only its owner (or
+    root) may run: no other process is ever signalled.
     """
     mp = canonical_mountpoint(mountpoint)
-    record = _read_record(_record_path(mp))
-    pid = record["pid"] if record is not None else None
-    if pid is not None and _alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(pid):
-            print(
-                f"tidefs umount: the mount of {mp} did not stop within {timeout:g}s",
-                file=sys.stderr,
-            )
-            return 1
+    for _path, record in _find_records(mp):
+        pidfd = _open_server(record, mp)
+        if pidfd is None:
+            continue
+        try:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+            except ProcessLookupError:  # exited since the check: see what it left
+                break
+            if not _wait_exit(pidfd, timeout):
+                print(
+                    f"tidefs umount: the mount of {mp} did not stop within {timeout:g}s",
+                    file=sys.stderr,
+                )
+                return 1
+            return 0
+        finally:
+            os.close(pidfd)
+    try:
+        note = detach_dead_mount(mp)
+    except MountError as exc:
+        print(f"tidefs umount: {exc}", file=sys.stderr)
+        return 1
+    if note is not None:
+        print(f"tidefs umount: {note}", file=sys.stderr)
         return 0
-    if not os.path.ismount(mp):
+    _forget_stale_records(mp)
+    if _kernel_mount(mp) is None:
         print(f"tidefs umount: {mp} is not mounted", file=sys.stderr)
         return 1
-    lazy = pid is not None  # the daemon died: nothing left to flush, detach it
-    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), mp]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "fusermount3 failed"
+    why = _detach(mp, lazy=False)
+    if why is not None:
         print(f"tidefs umount: {why}", file=sys.stderr)
         return 1
     return 0

@@ -178,3 +178,150 @@ def test_mount_refuses_a_nonempty_directory(mount_factory: MountFactory) -> None
     assert os.listdir(m.path) == []
     m.stop()
     assert (m.path / "precious").read_bytes() == b"here before"
+
+
+# -- 6: umount and sync believe only a record proven to serve the mount ----------
+
+
+def record_file(mountpoint: Path) -> Path:
+    """Where the mount at `mountpoint` keeps its record (named by the mount point's hash)."""
+    from tidefs.fs import mount as fsmount
+
+    return Path(fsmount._record_path(fsmount.canonical_mountpoint(str(mountpoint))))
+
+
+def is_mounted(path: Path) -> bool:
+    """From the mount table: a dead FUSE mount makes os.path.ismount say False."""
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def kill_mount(m: TidefsMount) -> None:
+    """SIGKILL a mount's process: the kernel keeps its mount, dead (ENOTCONN)."""
+    assert m.proc is not None
+    m.proc.kill()
+    m.proc.wait(30)
+    m.proc = None
+
+
+@pytest.fixture
+def no_dead_mounts(tmp_path: Path) -> Iterator[None]:
+    """Whatever a test leaves mounted under tmp_path is detached afterwards."""
+    yield
+    with open("/proc/self/mountinfo") as f:
+        left = [line.split()[4] for line in f if line.split()[4].startswith(str(tmp_path))]
+    for path in left:
+        subprocess.run(["fusermount3", "-u", "-z", path], check=False)
+
+
+@pytest.fixture
+def victim() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of root's that has nothing to do with tidefs: it must survive every test."""
+    proc = subprocess.Popen(["sleep", "600"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def squatted_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An $XDG_RUNTIME_DIR whose tidefs/ directory another user (nobody) made first."""
+    base = Path(tempfile.mkdtemp(prefix="tidefs-run-"))
+    base.chmod(0o1777)  # like /tmp: everyone may create entries
+    private_before = set(Path(tempfile.gettempdir()).glob(f"tidefs-{os.geteuid()}-*"))
+    assert as_nobody(lambda: os.mkdir(base / "tidefs", 0o755)) == ("ok", None)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+    yield base / "tidefs"
+    shutil.rmtree(base, ignore_errors=True)
+    for made in set(Path(tempfile.gettempdir()).glob(f"tidefs-{os.geteuid()}-*")) - private_before:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+def test_a_record_planted_by_another_user_is_ignored(
+    mount_factory: MountFactory,
+    squatted_runtime: Path,
+    victim: subprocess.Popen[bytes],
+    tmp_path: Path,
+) -> None:
+    import hashlib
+    import json
+
+    from tidefs.fs.mount import canonical_mountpoint, sync_mount, umount
+
+    m = mount_factory()  # its record goes elsewhere: the squatted directory is not root's
+    (m.path / "f").write_bytes(b"kept")
+    mp = canonical_mountpoint(str(m.path))
+    evil_journal = squatted_runtime / "evil.db"
+    fake = {
+        "pid": victim.pid, "mountpoint": mp, "volume": m.volume, "region": m.region,
+        "journal_url": f"sqlite:///{evil_journal}", "state_dir": str(squatted_runtime),
+    }  # fmt: skip
+    name = hashlib.sha256(mp.encode()).hexdigest()[:24] + ".json"
+
+    def plant() -> None:
+        tmp = squatted_runtime / "planted.tmp"
+        tmp.write_text(json.dumps(fake))
+        os.replace(tmp, squatted_runtime / name)
+
+    assert as_nobody(plant) == ("ok", None)
+    # sync reads the mount's own journal, never the one the planted record names...
+    assert sync_mount(str(m.path), timeout=30) == 0
+    assert not evil_journal.exists()
+    # ...and umount stops the mount, not the process the planted record names.
+    assert umount(str(m.path)) == 0
+    assert m.proc is not None and m.proc.wait(30) == 0
+    assert victim.poll() is None, "umount signalled a process named by another user's record"
+    assert not is_mounted(m.path)
+    m.start()
+    assert (m.path / "f").read_bytes() == b"kept"
+
+
+@pytest.mark.usefixtures("no_dead_mounts")
+def test_umount_of_a_killed_mount_detaches_it_and_signals_nobody(
+    mount_factory: MountFactory, victim: subprocess.Popen[bytes]
+) -> None:
+    import json
+
+    m = mount_factory()
+    (m.path / "f").write_bytes(b"durable at close")
+    path = record_file(m.path)
+    record = json.loads(path.read_text())
+    assert m.proc is not None and record["pid"] == m.proc.pid
+    kill_mount(m)
+    assert is_mounted(m.path)  # the kernel keeps the dead mount
+    # The killed mount's PID now names another process (as when PIDs wrap around).
+    record["pid"] = victim.pid
+    path.write_text(json.dumps(record))
+    proc = mount_cli("umount", str(m.path))
+    assert proc.returncode == 0, proc.stderr
+    assert "dead mount" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert victim.poll() is None, "umount signalled a process that does not serve the mount"
+    assert not is_mounted(m.path)
+    assert not path.exists()  # the stale record is gone too
+    m.start()
+    assert (m.path / "f").read_bytes() == b"durable at close"
+
+
+@pytest.mark.usefixtures("no_dead_mounts")
+def test_mount_after_a_killed_mount_detaches_it_and_says_so(mount_factory: MountFactory) -> None:
+    from tidefs.fs.mount import umount
+
+    m = mount_factory()
+    (m.path / "f").write_bytes(b"still here")
+    kill_mount(m)
+    try:
+        proc = mount_cli(*cli_mount_args(m))
+        assert proc.returncode == 0, proc.stderr
+        assert "detached the dead mount" in proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
+        assert (m.path / "f").read_bytes() == b"still here"
+    finally:
+        if is_mounted(m.path):
+            umount(str(m.path))
+    assert not is_mounted(m.path)
+
+
+def test_umount_of_something_not_mounted_says_so(tmp_path: Path) -> None:
+    proc = mount_cli("umount", str(tmp_path))
+    assert proc.returncode == 1
+    assert "is not mounted" in proc.stderr
