@@ -35,6 +35,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 
+from tidefs import private
 from tidefs.replica.blocks import CorruptBlockError, block_header, unseal
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class DiskBlockCache:
         self._wake = threading.Condition(self._lock)
         self._writer: threading.Thread | None = None
         if capacity > 0:
-            os.makedirs(directory, exist_ok=True)
+            private.makedirs(directory)
             self._load_index()
 
     def _load_index(self) -> None:
@@ -242,8 +243,8 @@ class DiskBlockCache:
         header = block_header(data)
         sealed_size = len(header) + len(data)
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.makedirs(os.path.dirname(path), mode=private.DIR_MODE, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, private.FILE_MODE)
             try:
                 _write_all(fd, header, data)
             finally:

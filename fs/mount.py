@@ -41,7 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from tidefs import telemetry
+from tidefs import private, telemetry
 
 if TYPE_CHECKING:
     from tidefs.fs.coherence import Invalidator, OwnRequests
@@ -187,6 +187,7 @@ class Mount:
         self.replicator: Any = None
         self.publisher: Any = None
         self.mounted = False
+        self.warnings: list[str] = []
         self._stop = threading.Event()
 
     # -- opening -----------------------------------------------------------
@@ -216,7 +217,7 @@ class Mount:
         except (JournalError, SnapshotError) as exc:
             raise MountError(f"cannot start the state of {cfg.volume!r}: {exc}") from exc
         try:
-            os.makedirs(cfg.state_dir, exist_ok=True)
+            private.makedirs(cfg.state_dir)
             self.state = State.open(cfg.state_dir)
         except StateLockedError as exc:
             raise MountError(
@@ -258,6 +259,7 @@ class Mount:
             cache = DiskBlockCache(cfg.cache_dir, cfg.cache_size)
         except OSError as exc:
             raise MountError(f"cannot use cache directory {cfg.cache_dir}: {exc}") from exc
+        self._check_private()
         self.data = DataPath(
             state=self.state,
             submit=own.submit,
@@ -306,6 +308,33 @@ class Mount:
             raise MountError(
                 f"cannot serve metrics on {cfg.metrics_host} port {cfg.metrics_port}: {exc}"
             ) from exc
+
+    def _check_private(self) -> None:
+        """Warn about local files other users can reach (refuse them with `strict`).
+
+        What tidefs creates is owner-only; this finds what was made before,
+        or by hand: the state and cache directories, an SQLite log with its
+        -wal and -shm, and this region's directory store.
+        """
+        from tidefs.journal.sqlite import SqliteLog
+        from tidefs.replica.store import FileStore
+
+        cfg = self.cfg
+        paths = [cfg.state_dir, cfg.cache_dir]
+        if isinstance(self.log, SqliteLog):
+            db = str(self.log.path)
+            paths += [db, f"{db}-wal", f"{db}-shm"]
+        store = self.stores.get(cfg.region)
+        if isinstance(store, FileStore):
+            paths.append(str(store.root))
+        for path in paths:
+            why = private.exposure(path)
+            if why is None:
+                continue
+            fix = f"chmod {'-R ' if os.path.isdir(path) else ''}go-rwx {path}"
+            if cfg.strict:
+                raise MountError(f"{path} {why} (--strict): run {fix}")
+            self.warnings.append(f"warning: {path} {why}; run {fix}")
 
     # -- mounting and serving ----------------------------------------------
 
@@ -534,8 +563,18 @@ def _write_all(fd: int, data: bytes) -> None:
             data = data[os.write(fd, data) :]
 
 
-def _serve(cfg: MountConfig, notify_fds: Sequence[int], *, echo_errors: bool) -> int:
-    """Open, mount and serve in this process; return the exit code."""
+def _serve(
+    cfg: MountConfig,
+    notify_fds: Sequence[int],
+    *,
+    echo_errors: bool,
+    warn_fd: int | None = None,
+) -> int:
+    """Open, mount and serve in this process; return the exit code.
+
+    Warnings go to the log, and to stderr (`echo_errors`) or as "warning ..."
+    lines to `warn_fd` (the daemon's pipe, whose reader prints them).
+    """
     import trio
 
     def report_error(message: str) -> None:
@@ -555,6 +594,12 @@ def _serve(cfg: MountConfig, notify_fds: Sequence[int], *, echo_errors: bool) ->
     try:
         try:
             m.open()
+            for message in m.warnings:
+                log.warning("%s", message)
+                if echo_errors:
+                    print(f"tidefs mount: {message}", file=sys.stderr)
+                if warn_fd is not None:
+                    _write_all(warn_fd, f"warning {message}\n".encode())
             m.mount()
         except MountError as exc:
             report_error(str(exc))
@@ -675,14 +720,14 @@ def _daemonize(cfg: MountConfig, notify: list[int]) -> int:
             if os.fork() > 0:
                 os._exit(0)
             _detach_stdio(cfg)
-            code = _serve(cfg, [w, *notify], echo_errors=False)
+            code = _serve(cfg, [w, *notify], echo_errors=False, warn_fd=w)
         except BaseException:
             log.exception("mount daemon failed")
         finally:
             os._exit(code)
     os.close(w)
     os.waitpid(pid, 0)
-    line = _read_line(r)
+    line = _await_ready(r)
     os.close(r)
     if line == READY:
         return 0
@@ -694,19 +739,24 @@ def _daemonize(cfg: MountConfig, notify: list[int]) -> int:
     return 1
 
 
-def _read_line(fd: int) -> bytes:
-    out = b""
-    while not out.endswith(b"\n"):
+def _await_ready(fd: int) -> bytes:
+    """Print the daemon's "warning ..." lines; return its first other line (ready or error)."""
+    buf = b""
+    while True:
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            if not line.startswith(b"warning "):
+                return line + b"\n"
+            print(f"tidefs mount: {line[8:].decode(errors='replace')}", file=sys.stderr)
         chunk = os.read(fd, 4096)
         if not chunk:
-            break
-        out += chunk
-    return out
+            return buf
+        buf += chunk
 
 
 def _detach_stdio(cfg: MountConfig) -> None:
     """Point stdio at /dev/null and the log at the state directory's mount.log."""
-    os.makedirs(cfg.state_dir, exist_ok=True)
+    private.makedirs(cfg.state_dir)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -714,7 +764,9 @@ def _detach_stdio(cfg: MountConfig) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.FileHandler(os.path.join(cfg.state_dir, "mount.log"))
+    log_path = os.path.join(cfg.state_dir, "mount.log")
+    os.close(private.create_file(log_path))  # owner-only before the handler appends to it
+    handler = logging.FileHandler(log_path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > logging.INFO:

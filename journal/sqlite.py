@@ -42,6 +42,7 @@ shared memory, so polling it costs microseconds and no disk I/O.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from tidefs import private
 from tidefs.journal.log import (
     JournalConfigError,
     JournalError,
@@ -282,6 +284,10 @@ class SqliteLog(Log):
             raise JournalUnavailable(f"journal file {self.path} is not readable and writable")
 
     def _connect(self) -> sqlite3.Connection:
+        # Created owner-only before SQLite would create it with the umask's mode:
+        # SQLite gives the -wal and -shm files the database file's mode.
+        with contextlib.suppress(FileExistsError):
+            os.close(private.create_file(self.path, os.O_RDWR | os.O_EXCL))
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so that the
         # write lock is taken up front (IMMEDIATE) rather than on the first insert.
         conn = sqlite3.connect(

@@ -88,7 +88,7 @@ from typing import Any, cast
 
 from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
-from tidefs import telemetry
+from tidefs import private, telemetry
 from tidefs.journal import codec
 from tidefs.journal.commands import (
     AddRegion,
@@ -293,7 +293,7 @@ class _Progress:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            private.makedirs(path)
             opts = Options(raw_mode=True)
             opts.create_if_missing(True)
             self._db = Rdict(str(path), opts)

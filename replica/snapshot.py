@@ -51,6 +51,7 @@ from typing import Any
 
 from rocksdict import AccessType, Options, Rdict, WriteBatch
 
+from tidefs import private
 from tidefs.journal import codec
 from tidefs.journal.commands import CreateVolume, Region
 from tidefs.journal.log import Log
@@ -385,7 +386,7 @@ def download_snapshot(
     target = Path(dest)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise SnapshotError(f"{target} exists and is not an empty directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private.makedirs(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         for f in snap.files:
@@ -575,7 +576,7 @@ def bootstrap_state(
     if found is not None and found[0] + 1 < first and found[0] < target:
         shutil.rmtree(path, ignore_errors=True)
         if existed:
-            path.mkdir()
+            private.makedirs(path)
         found = None
     if found is None and first > 0 and target >= 0:
         names = ", ".join(where)

@@ -53,6 +53,7 @@ from rocksdict import (
     WriteOptions,
 )
 
+from tidefs import private
 from tidefs.journal.commands import Envelope, Outcome, SliceRef
 from tidefs.replica import keys as K
 from tidefs.replica.fold import OUTCOME_WINDOW, fold_record, merge_scan
@@ -269,7 +270,8 @@ class State:
                 raise
             return state
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            # 0700: RocksDB's own files take the umask's mode, this keeps them private.
+            private.makedirs(path)
         except OSError as exc:
             raise StateError(f"cannot create the state directory {path}: {exc}") from exc
         lock_fd = _lock(path)
@@ -625,7 +627,7 @@ def _options(*, create: bool) -> Options:
 def _lock(path: Path) -> int:
     """Take the directory's exclusive write lock or raise StateLockedError at once."""
     lock_path = path / LOCK_FILE
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = private.create_file(lock_path, os.O_RDWR)
     try:
         # flock, not lockf: two opens in one process conflict too.
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

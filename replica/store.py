@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from tidefs import private
 from tidefs.replica.blocks import (
     HEADER_SIZE,
     CorruptBlockError,
@@ -291,8 +292,11 @@ class FileStore(BlockStore):
             missing.append(path)
             path = os.path.dirname(path)
         for path in reversed(missing):
-            with contextlib.suppress(FileExistsError):  # a racing opener made it
-                os.mkdir(path)
+            try:
+                os.mkdir(path, private.DIR_MODE)
+                os.chmod(path, private.DIR_MODE)  # exactly 0700, whatever the umask
+            except FileExistsError:  # a racing opener made it
+                pass
             _fsync_dir(os.path.dirname(path))
 
     @classmethod
@@ -324,7 +328,7 @@ class FileStore(BlockStore):
         parent = os.path.dirname(path)
         self._ensure_dir(parent)
         try:
-            os.mkdir(path)
+            os.mkdir(path, private.DIR_MODE)
         except FileExistsError:
             if not os.path.isdir(path):
                 raise NotADirectoryError(20, "a key's prefix is an object", path) from None
@@ -357,7 +361,11 @@ class FileStore(BlockStore):
             for attempt in range(3):
                 try:
                     self._ensure_dir(directory)
-                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                    fd = os.open(
+                        tmp,
+                        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                        private.FILE_MODE,
+                    )
                     break
                 except FileNotFoundError:
                     # A concurrent delete removed an emptied directory that the

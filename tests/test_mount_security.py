@@ -325,3 +325,103 @@ def test_umount_of_something_not_mounted_says_so(tmp_path: Path) -> None:
     proc = mount_cli("umount", str(tmp_path))
     assert proc.returncode == 1
     assert "is not mounted" in proc.stderr
+
+
+# -- 5: what a mount keeps locally is its owner's alone ----------------------------
+
+
+def readable_by_nobody(paths: list[Path], needle: bytes) -> list[str]:
+    """As nobody, `grep -ra needle` over `paths`: the files whose bytes were found."""
+
+    def grep() -> list[str]:
+        found = []
+        for top in paths:
+            files = [str(top)] if not top.is_dir() else []
+            for d, _dirs, names in os.walk(top):
+                files += [os.path.join(d, n) for n in names]
+            for f in files:
+                try:
+                    with open(f, "rb") as fh:
+                        if needle in fh.read():
+                            found.append(f)
+                except OSError:
+                    pass
+        return found
+
+    outcome = as_nobody(grep)
+    assert outcome[0] == "ok", outcome
+    return list(outcome[1])
+
+
+def test_local_files_are_owner_only_whatever_the_umask(public_factory: MountFactory) -> None:
+    old = os.umask(0)  # the mount inherits it: modes must not depend on it
+    try:
+        m = public_factory()
+        fd = os.open(m.path / "secret-name", os.O_CREAT | os.O_WRONLY, 0o600)
+        os.write(fd, b"SECRET-0123456789" * 100)
+        os.close(fd)  # durable at close: in the store and the log
+        os.mkdir(m.path / "shared", 0o755)
+        fd = os.open(m.path / "shared" / "open", os.O_CREAT | os.O_WRONLY, 0o666)
+        os.close(fd)
+    finally:
+        os.umask(old)
+    # Files made through the mount keep the modes asked for...
+    assert os.stat(m.path / "shared").st_mode & 0o777 == 0o755
+    assert os.stat(m.path / "shared" / "open").st_mode & 0o777 == 0o666
+    journal = Path(m.journal_url.removeprefix("sqlite://"))
+    store = m.root / "store-a"
+    local = [store, m.state_dir, m.cache_dir]
+    # ...while everything kept locally is the owner's alone.
+    for top in local:
+        assert top.stat().st_mode & 0o777 == 0o700, top
+        for d, dirs, names in os.walk(top):
+            for name in dirs:
+                assert os.stat(os.path.join(d, name)).st_mode & 0o077 == 0, (d, name)
+            if top == m.state_dir:
+                continue  # RocksDB's own files: unreachable inside the 0700 directory
+            for name in names:
+                assert os.stat(os.path.join(d, name)).st_mode & 0o777 == 0o600, (d, name)
+    journal_files = [p for p in (journal, Path(f"{journal}-wal"), Path(f"{journal}-shm"))]
+    for p in journal_files:
+        if p.exists():
+            assert p.stat().st_mode & 0o777 == 0o600, p
+    record = record_file(m.path)
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert record.parent.stat().st_mode & 0o777 == 0o700
+    # Another user finds neither the bytes nor the name.
+    assert readable_by_nobody([*local, *journal_files], b"SECRET-0123456789") == []
+    assert readable_by_nobody([*local, *journal_files], b"secret-name") == []
+    assert as_nobody(lambda: os.listdir(store)) == ("err", errno.EACCES)
+
+
+def test_mount_warns_about_files_other_users_can_read_and_strict_refuses(
+    mount_factory: MountFactory,
+) -> None:
+    from tidefs.fs.mount import umount
+
+    m = mount_factory(start=False)
+    m.path.mkdir()
+    m.state_dir.mkdir(mode=0o755)
+    m.state_dir.chmod(0o755)  # as made by hand, or by an older tidefs
+    journal = Path(m.journal_url.removeprefix("sqlite://"))
+    journal.chmod(0o644)
+    args = cli_mount_args(m)
+    strict = mount_cli(*args, "--strict")
+    assert strict.returncode == 1
+    assert len(strict.stderr.strip().splitlines()) == 1, strict.stderr
+    assert str(m.state_dir) in strict.stderr and "--strict" in strict.stderr
+    assert not os.path.ismount(m.path)
+    try:
+        proc = mount_cli(*args)
+        assert proc.returncode == 0, proc.stderr
+        warnings = proc.stderr.strip().splitlines()
+        assert str(m.state_dir) in warnings[0] and "0755" in warnings[0]
+        assert f"chmod -R go-rwx {m.state_dir}" in warnings[0]
+        # The log, and its -wal and -shm, which SQLite makes with the log's mode.
+        assert len(warnings) == 4, proc.stderr
+        for w, suffix in zip(warnings[1:], ("", "-wal", "-shm"), strict=True):
+            assert f"journal.db{suffix} is a file" in w and "0644" in w, w
+            assert "chmod go-rwx " in w
+    finally:
+        umount(str(m.path))
+    assert not os.path.ismount(m.path)
