@@ -800,10 +800,9 @@ def _primary_record_dir() -> str:
 
 
 def _fallback_record_dirs() -> list[str]:
-    """Private directories used when the primary one is squatted, oldest first."""
+    """Private directories used when the primary one is squatted (the first is written)."""
     pattern = os.path.join(tempfile.gettempdir(), f"tidefs-{os.geteuid()}-*")
-    found = [p for p in glob.glob(pattern) if _private_dir_ok(p)]
-    return sorted(found, key=lambda p: (os.lstat(p).st_mtime, p))
+    return sorted(p for p in glob.glob(pattern) if _private_dir_ok(p))
 
 
 def _record_dirs() -> list[str]:
@@ -819,8 +818,11 @@ def _record_dir() -> str:
     a private one under the temporary directory takes its place.
     """
     primary = _primary_record_dir()
-    with contextlib.suppress(FileExistsError, FileNotFoundError):
-        os.mkdir(primary, 0o700)
+    try:
+        os.mkdir(primary, private.DIR_MODE)
+        os.chmod(primary, private.DIR_MODE)
+    except OSError:  # there already (checked next), or not ours to create
+        pass
     if _private_dir_ok(primary):
         return primary
     fallbacks = _fallback_record_dirs()

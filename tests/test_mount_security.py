@@ -425,3 +425,12 @@ def test_mount_warns_about_files_other_users_can_read_and_strict_refuses(
     finally:
         umount(str(m.path))
     assert not os.path.ismount(m.path)
+
+
+def test_another_user_cannot_umount_roots_mount(public_factory: MountFactory) -> None:
+    from tidefs.fs.mount import umount
+
+    m = public_factory()
+    os.chmod(m.path, 0o755)
+    assert as_nobody(lambda: umount(str(m.path), timeout=10)) == ("ok", 1)
+    assert m.running and os.path.ismount(m.path)
