@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,6 +26,54 @@ Handler = Callable[[argparse.Namespace], int]
 
 class CliError(Exception):
     """An operational error to print as one line, with exit code 1."""
+
+
+# -- argument types ----------------------------------------------------------
+# Shared by every subcommand: a value out of range is a usage error (exit 2,
+# argparse names the option), never a crash or a silent surprise further down.
+
+
+def _number(text: str, kind: Callable[[str], Any], low: float, strict: bool, what: str) -> Any:
+    """Parse `text` with `kind` and check it is finite and above (or at) `low`."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An offset, a count or a limit: 0 or more."""
+    value: int = _number(text, int, 0, False, "an integer >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A number of workers, refreshes or items: 1 or more."""
+    value: int = _number(text, int, 0, True, "an integer > 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A timeout or a bound in seconds: 0 or more (0 means do not wait)."""
+    value: float = _number(text, float, 0.0, False, "a number of seconds >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An interval in seconds that must pass between two steps: more than 0."""
+    value: float = _number(text, float, 0.0, True, "a number of seconds > 0")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port to listen on: 1 to 65535."""
+    value: int = _number(text, int, 1, False, "a port number from 1 to 65535")
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
+    return value
 
 
 # -- rendering -------------------------------------------------------------
@@ -75,9 +124,12 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1:] if t[-1:] in units and t[-1:] else ""
     try:
-        return int(float(t[: len(t) - len(unit)]) * units[unit])
-    except ValueError as exc:
+        size = int(float(t[: len(t) - len(unit)]) * units[unit])
+    except (ValueError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from exc
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return size
 
 
 # -- subcommands -----------------------------------------------------------
@@ -96,9 +148,12 @@ def parse_duration(text: str) -> int:
     t = text.strip().lower()
     unit = t[-1:] if t[-1:] in units else "s"
     try:
-        return int(float(t.rstrip("smhdw")) * units[unit])
-    except ValueError as exc:
+        seconds = int(float(t.rstrip("smhdw")) * units[unit])
+    except (ValueError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r}") from exc
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"a duration cannot be negative: {text!r}")
+    return seconds
 
 
 def cmd_format(args: argparse.Namespace) -> int:
@@ -403,11 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--max-staleness",
-        type=float,
+        type=non_negative_float,
         metavar="SECONDS",
         help="reads wait while the local fold lags the log head by more than this",
     )
-    sp.add_argument("--metrics-port", type=int, metavar="PORT")
+    sp.add_argument("--metrics-port", type=port_number, metavar="PORT")
     sp.add_argument(
         "--write-through",
         choices=("primary",),
@@ -415,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--store-timeout",
-        type=float,
+        type=positive_float,
         default=5.0,
         metavar="SECONDS",
         help="bound on each block store call; a read needing an unreachable store fails (EIO)",
@@ -424,12 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("umount", help="flush and unmount a tidefs mount")
     sp.add_argument("mountpoint")
-    sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    sp.add_argument("--timeout", type=non_negative_float, default=60.0, metavar="SECONDS")
     sp.set_defaults(func=cmd_umount)
 
     sp = sub.add_parser("sync", help="wait until a mount has applied everything appended so far")
     sp.add_argument("mountpoint")
-    sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    sp.add_argument("--timeout", type=non_negative_float, default=60.0, metavar="SECONDS")
     sp.add_argument(
         "--data",
         action="store_true",
@@ -442,12 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     journal_arg(sp)
     sp.add_argument("--region", required=True, metavar="NAME")
     sp.add_argument("--state-dir", metavar="DIR", help="the replicator's own state and progress")
-    sp.add_argument("--concurrency", type=int, default=8)
+    sp.add_argument("--concurrency", type=positive_int, default=8)
     sp.add_argument("--bandwidth-limit", type=parse_size, default=None, metavar="BYTES_PER_S")
     sp.add_argument("--once", action="store_true", help="copy the current backlog, then exit")
-    sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    sp.add_argument("--timeout", type=non_negative_float, default=None, metavar="SECONDS")
     sp.add_argument(
-        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on PORT"
+        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics on PORT"
     )
     sp.set_defaults(func=cmd_replicate)
 
@@ -457,12 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--from",
         dest="from_offset",
-        type=int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="first offset to print (default: the log's start)",
     )
-    sp.add_argument("--limit", type=int, default=None, metavar="K")
+    sp.add_argument("--limit", type=non_negative_int, default=None, metavar="K")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.set_defaults(func=cmd_log)
 
@@ -471,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     journal_arg(sp)
     sp.add_argument("--state-dir", required=True, metavar="DIR")
     to = sp.add_mutually_exclusive_group()
-    to.add_argument("--to-offset", type=int, default=None, metavar="N")
+    to.add_argument("--to-offset", type=non_negative_int, default=None, metavar="N")
     to.add_argument("--to-time", default=None, metavar="ISO8601")
     sp.add_argument(
         "--store",
@@ -492,9 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("top", help="a live view of every region's lag (q quits)")
     sp.add_argument("volume")
     journal_arg(sp)
-    sp.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
+    sp.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS")
     sp.add_argument(
-        "--iterations", type=int, default=None, metavar="N", help="quit after N refreshes"
+        "--iterations", type=positive_int, default=None, metavar="N", help="quit after N refreshes"
     )
     sp.set_defaults(func=cmd_top)
 
