@@ -13,6 +13,8 @@ import dataclasses
 import json
 import math
 import os
+import select
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -585,6 +587,21 @@ def _error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _stdout_closed() -> bool:
+    """True if nobody reads stdout any more: a pipe whose reader exited reports POLLERR.
+
+    This tells a `| head` that has read enough from a broken connection to a
+    service, which is an error to report.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR is always reported
+    return any(events & select.POLLERR for _fd, events in poller.poll(0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `tidefs` command line; return the exit code."""
     import logging
@@ -595,10 +612,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="tidefs: %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's last flush
+        return code
     except KeyboardInterrupt:
         print("tidefs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            print(f"tidefs {args.command}: {exc}", file=sys.stderr)
+            return 1
+        # The reader went away (`| head`): stop quietly, as a tool that SIGPIPE ends does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except _error_types() as exc:
         print(f"tidefs {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -212,3 +212,37 @@ def test_out_of_range_arguments_are_usage_errors(
     assert f"error: argument {option}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_log_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """`tidefs log | head -1`: no "Broken pipe" message, the exit status of a tool SIGPIPE ends."""
+    url = f"sqlite://{tmp_path / 'log.db'}"
+    with open_log(url, "vol") as lg:
+        envs = history()
+        lg.append_many([(codec.encode(env), env.timestamp_ns) for env in envs])
+        more = [
+            Envelope(Mkdir(parent=1, name=b"d%05d" % i, mode=0o40755, uid=0, gid=0), "a", T0)
+            for i in range(3000)  # far more than a pipe's buffer holds
+        ]
+        lg.append_many([(codec.encode(env), env.timestamp_ns) for env in more])
+    proc = subprocess.Popen(
+        [*TIDEFS, "log", "vol", "--journal", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert b"CreateVolume" in first
+    proc.stdout.close()  # what `head -1` does once it has its line
+    code = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert err == "" and code == 128 + 13, (code, err)
+
+    shell = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {' '.join(TIDEFS)} log vol --journal {url} | head -1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shell.stderr == "" and shell.stdout.count("\n") == 1
+    assert shell.returncode == 141  # as `seq 1 1000000 | head -1` under pipefail
