@@ -18,10 +18,13 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tidefs import __version__
 from tidefs.journal.commands import Envelope
+
+if TYPE_CHECKING:
+    from tidefs.journal.log import Log
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -137,6 +140,42 @@ def parse_size(text: str) -> int:
 # -- subcommands -----------------------------------------------------------
 
 
+def open_volume_log(journal_url: str, volume: str) -> Log:
+    """Open the log of `volume`, refusing (exit 1) a volume that was never formatted.
+
+    A command that only reads must not pass off a missing volume as an empty
+    one, nor create what it looks for: a SQLite journal file that does not
+    exist is not created, and a missing Kafka topic is not created either.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from tidefs.journal.log import LogMissing, open_log
+
+    parts = urlsplit(journal_url)
+    options: dict[str, object] = {}
+    if parts.scheme == "sqlite" and parts.path and not parts.netloc:
+        path = "/" + unquote(parts.path).lstrip("/")
+        if not os.path.exists(path):
+            raise CliError(f"no volume {volume!r}: the journal file {path} does not exist")
+    elif parts.scheme == "kafka":
+        options["create"] = False
+    try:
+        lg = open_log(journal_url, volume, **options)
+    except LogMissing as exc:
+        raise CliError(
+            f"no volume {volume!r} in this journal (no log; tidefs format makes one)"
+        ) from exc
+    try:
+        if lg.head() == 0:
+            raise CliError(
+                f"no volume {volume!r} in this journal (its log is empty; tidefs format makes one)"
+            )
+    except BaseException:
+        lg.close()
+        raise
+    return lg
+
+
 def _region_spec(text: str) -> tuple[str, str]:
     name, sep, url = text.partition("=")
     if not sep or not name or not url:
@@ -210,6 +249,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from tidefs.replica.status import read_status
 
+    open_volume_log(args.journal, args.volume).close()
     regions = read_status(args.journal, args.volume)
     if args.json:
         print(json.dumps({name: st.as_dict() for name, st in regions.items()}, sort_keys=True))
@@ -245,6 +285,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     from tidefs.fs.top import run_top
 
+    open_volume_log(args.journal, args.volume).close()
     return run_top(args.journal, args.volume, interval=args.interval, iterations=args.iterations)
 
 
@@ -269,7 +310,6 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 def cmd_log(args: argparse.Namespace) -> int:
     from tidefs.journal import codec
     from tidefs.journal.kafka import LogTrimmed
-    from tidefs.journal.log import open_log
 
     def below_start(start: int, wanted: int) -> CliError:
         return CliError(
@@ -277,7 +317,7 @@ def cmd_log(args: argparse.Namespace) -> int:
             f"were deleted), so offset {wanted} cannot be read; use --from {start} or higher"
         )
 
-    with open_log(args.journal, args.volume) as lg:
+    with open_volume_log(args.journal, args.volume) as lg:
         start = lg.start()
         offset = start if args.from_offset is None else args.from_offset
         if offset < start:

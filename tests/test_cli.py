@@ -171,6 +171,38 @@ def test_help_and_usage_errors() -> None:
     assert run("log", check=False).returncode == 2
 
 
+def test_a_missing_volume_is_named_and_fails(
+    journal_url: str, journal_volume: str, tmp_path: Path
+) -> None:
+    """`status`, `log` and `top` of a volume never formatted: one line naming it, exit 1.
+
+    Nothing is created on the way: no SQLite file where none was, no Kafka topic.
+    """
+    with open_log(journal_url, journal_volume) as lg:
+        for env in history():
+            lg.append(codec.encode(env), env.timestamp_ns)
+    missing = journal_volume + "-missing"
+    for command in ("status", "log", "top"):
+        proc = run(command, missing, "--journal", journal_url, check=False)
+        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        assert proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"no volume {missing!r}" in lines[0], proc.stderr
+    assert run("status", journal_volume, "--journal", journal_url).returncode == 0
+
+    if journal_url.startswith("sqlite:"):
+        nowhere = tmp_path / "none.db"
+        proc = run("log", "vol", "--journal", f"sqlite://{nowhere}", check=False)
+        assert proc.returncode == 1 and "no volume 'vol'" in proc.stderr
+        assert f"{nowhere} does not exist" in proc.stderr
+        assert not nowhere.exists()
+    else:
+        from confluent_kafka.admin import AdminClient
+
+        topics = AdminClient({"bootstrap.servers": journal_url.removeprefix("kafka://")})
+        assert f"tidefs.{missing}.log" not in topics.list_topics(timeout=30).topics
+
+
 def _option(args: list[str]) -> str:
     """The option an argument list gets wrong: its last one."""
     return [a.split("=")[0] for a in args if a.startswith("--")][-1]
