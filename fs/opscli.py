@@ -284,6 +284,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     with _volume(args) as (lg, _info, stores):
         if args.at is not None:
             at_ns = _cli.parse_time(args.at)
+            if at_ns > time.time_ns():
+                # As an offset beyond the head is: the tree at that time is not known yet.
+                raise _error(
+                    f"{args.at} is in the future, past the log of {args.volume} "
+                    f"(head {lg.head()}): its tree is not known yet"
+                )
             # The state as of that time includes the records stamped exactly then.
             target = lg.offset_for_time(at_ns + 1) - 1
             if target < 0:
