@@ -278,3 +278,23 @@ def test_log_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
     )  # fmt: skip
     assert shell.stderr == "" and shell.stdout.count("\n") == 1
     assert shell.returncode == 141  # as `seq 1 1000000 | head -1` under pipefail
+
+
+def test_urls_with_four_slashes_name_plain_paths(tmp_path: Path) -> None:
+    """sqlite:////dir/log.db and file:////dir are /dir/...: messages never print //dir."""
+    from tidefs.replica.store import FileStore
+
+    missing = tmp_path / "nodir" / "log.db"
+    proc = run(
+        "replay", "vol", "--journal", f"sqlite:///{missing}", "--state-dir",
+        str(tmp_path / "s"), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and f"journal directory {missing.parent} does not exist" in (
+        proc.stderr
+    )
+    assert "//" not in proc.stderr.replace("sqlite:///", ""), proc.stderr
+    store = FileStore.from_url(f"file:///{tmp_path / 'store'}")
+    try:
+        assert str(store.root) == str(tmp_path / "store")
+    finally:
+        store.close()
