@@ -247,27 +247,34 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tidefs.replica.status import read_status
+    from tidefs.replica.status import newest_per_region, read_mounts
 
     open_volume_log(args.journal, args.volume).close()
-    regions = read_status(args.journal, args.volume)
+    mounts = read_mounts(args.journal, args.volume)
     if args.json:
-        print(json.dumps({name: st.as_dict() for name, st in regions.items()}, sort_keys=True))
+        # Per region its newest report (the figures of a region with one mount), and every
+        # mount of the region, one row each, under "mounts".
+        doc = {name: st.as_dict() for name, st in newest_per_region(mounts).items()}
+        for st in mounts.values():
+            doc[st.region].setdefault("mounts", []).append(st.as_dict())
+        print(json.dumps(doc, sort_keys=True))
         return 0
-    if not regions:
+    if not mounts:
         print(f"no region of volume {args.volume} has published its status yet")
         return 0
     print(
         f"{'region':<12} {'applied':>9} {'lag rec':>8} {'lag s':>7} {'backlog':>8} "
-        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8}"
+        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8} {'host':<16} mount"
     )
-    for st in regions.values():
+    warned: set[str] = set()
+    for st in mounts.values():
         print(
             f"{st.region:<12} {st.applied_offset:>9} {st.lag_records:>8} {st.lag_seconds:>7.2f} "
             f"{st.backlog_blocks:>8} {st.backlog_bytes:>10} {st.backlog_oldest_s:>8.1f} "
-            f"{st.fallback_reads:>8}"
+            f"{st.fallback_reads:>8} {st.host or '-':<16} {st.mount_id or '-'}"
         )
-        if st.state_before_log_start:
+        if st.state_before_log_start and st.region not in warned:
+            warned.add(st.region)
             print(
                 f"warning: region {st.region} is at offset {st.applied_offset}, older than the "
                 "log's start: it must restart from a snapshot",
