@@ -4,7 +4,8 @@ It reads what `tidefs status` reads (each mount's newest report in the
 `<volume>.status` log, lag computed against the metadata log's head now), so
 it needs nothing but the journal URL: no metrics endpoint has to be reachable.
 A region with several mounts (hosts) has a row per mount. The fallback rate
-is the change of a mount's fallback reads between two refreshes. Plain ANSI escapes, no curses; `q` (or Ctrl-C) quits.
+is the change of a mount's fallback reads between two refreshes. Plain ANSI
+escapes, no curses; `q` (or Ctrl-C) quits.
 """
 
 from __future__ import annotations
