@@ -11,20 +11,74 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
+import select
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tidefs import __version__
 from tidefs.journal.commands import Envelope
+
+if TYPE_CHECKING:
+    from tidefs.journal.log import Log
 
 Handler = Callable[[argparse.Namespace], int]
 
 
 class CliError(Exception):
     """An operational error to print as one line, with exit code 1."""
+
+
+# -- argument types ----------------------------------------------------------
+# Shared by every subcommand: a value out of range is a usage error (exit 2,
+# argparse names the option), never a crash or a silent surprise further down.
+
+
+def _number(text: str, kind: Callable[[str], Any], low: float, strict: bool, what: str) -> Any:
+    """Parse `text` with `kind` and check it is finite and above (or at) `low`."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An offset, a count or a limit: 0 or more."""
+    value: int = _number(text, int, 0, False, "an integer >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """A number of workers, refreshes or items: 1 or more."""
+    value: int = _number(text, int, 0, True, "an integer > 0")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A timeout or a bound in seconds: 0 or more (0 means do not wait)."""
+    value: float = _number(text, float, 0.0, False, "a number of seconds >= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An interval in seconds that must pass between two steps: more than 0."""
+    value: float = _number(text, float, 0.0, True, "a number of seconds > 0")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port to listen on: 1 to 65535."""
+    value: int = _number(text, int, 1, False, "a port number from 1 to 65535")
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
+    return value
 
 
 # -- rendering -------------------------------------------------------------
@@ -75,12 +129,51 @@ def parse_size(text: str) -> int:
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1:] if t[-1:] in units and t[-1:] else ""
     try:
-        return int(float(t[: len(t) - len(unit)]) * units[unit])
-    except ValueError as exc:
+        size = int(float(t[: len(t) - len(unit)]) * units[unit])
+    except (ValueError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from exc
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"a size cannot be negative: {text!r}")
+    return size
 
 
 # -- subcommands -----------------------------------------------------------
+
+
+def open_volume_log(journal_url: str, volume: str) -> Log:
+    """Open the log of `volume`, refusing (exit 1) a volume that was never formatted.
+
+    A command that only reads must not pass off a missing volume as an empty
+    one, nor create what it looks for: a SQLite journal file that does not
+    exist is not created, and a missing Kafka topic is not created either.
+    """
+    from urllib.parse import unquote, urlsplit
+
+    from tidefs.journal.log import LogMissing, open_log
+
+    parts = urlsplit(journal_url)
+    options: dict[str, object] = {}
+    if parts.scheme == "sqlite" and parts.path and not parts.netloc:
+        path = "/" + unquote(parts.path).lstrip("/")
+        if not os.path.exists(path):
+            raise CliError(f"no volume {volume!r}: the journal file {path} does not exist")
+    elif parts.scheme == "kafka":
+        options["create"] = False
+    try:
+        lg = open_log(journal_url, volume, **options)
+    except LogMissing as exc:
+        raise CliError(
+            f"no volume {volume!r} in this journal (no log; tidefs format makes one)"
+        ) from exc
+    try:
+        if lg.head() == 0:
+            raise CliError(
+                f"no volume {volume!r} in this journal (its log is empty; tidefs format makes one)"
+            )
+    except BaseException:
+        lg.close()
+        raise
+    return lg
 
 
 def _region_spec(text: str) -> tuple[str, str]:
@@ -96,9 +189,12 @@ def parse_duration(text: str) -> int:
     t = text.strip().lower()
     unit = t[-1:] if t[-1:] in units else "s"
     try:
-        return int(float(t.rstrip("smhdw")) * units[unit])
-    except ValueError as exc:
+        seconds = int(float(t.rstrip("smhdw")) * units[unit])
+    except (ValueError, OverflowError) as exc:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r}") from exc
+    if seconds < 0:
+        raise argparse.ArgumentTypeError(f"a duration cannot be negative: {text!r}")
+    return seconds
 
 
 def cmd_format(args: argparse.Namespace) -> int:
@@ -180,26 +276,34 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tidefs.replica.status import read_status
+    from tidefs.replica.status import newest_per_region, read_mounts
 
-    regions = read_status(args.journal, args.volume)
+    open_volume_log(args.journal, args.volume).close()
+    mounts = read_mounts(args.journal, args.volume)
     if args.json:
-        print(json.dumps({name: st.as_dict() for name, st in regions.items()}, sort_keys=True))
+        # Per region its newest report (the figures of a region with one mount), and every
+        # mount of the region, one row each, under "mounts".
+        doc = {name: st.as_dict() for name, st in newest_per_region(mounts).items()}
+        for st in mounts.values():
+            doc[st.region].setdefault("mounts", []).append(st.as_dict())
+        print(json.dumps(doc, sort_keys=True))
         return 0
-    if not regions:
+    if not mounts:
         print(f"no region of volume {args.volume} has published its status yet")
         return 0
     print(
         f"{'region':<12} {'applied':>9} {'lag rec':>8} {'lag s':>7} {'backlog':>8} "
-        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8}"
+        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8} {'host':<16} mount"
     )
-    for st in regions.values():
+    warned: set[str] = set()
+    for st in mounts.values():
         print(
             f"{st.region:<12} {st.applied_offset:>9} {st.lag_records:>8} {st.lag_seconds:>7.2f} "
             f"{st.backlog_blocks:>8} {st.backlog_bytes:>10} {st.backlog_oldest_s:>8.1f} "
-            f"{st.fallback_reads:>8}"
+            f"{st.fallback_reads:>8} {st.host or '-':<16} {st.mount_id or '-'}"
         )
-        if st.state_before_log_start:
+        if st.state_before_log_start and st.region not in warned:
+            warned.add(st.region)
             print(
                 f"warning: region {st.region} is at offset {st.applied_offset}, older than the "
                 "log's start: it must restart from a snapshot",
@@ -217,6 +321,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     from tidefs.fs.top import run_top
 
+    open_volume_log(args.journal, args.volume).close()
     return run_top(args.journal, args.volume, interval=args.interval, iterations=args.iterations)
 
 
@@ -243,7 +348,6 @@ def cmd_replicate(args: argparse.Namespace) -> int:
 def cmd_log(args: argparse.Namespace) -> int:
     from tidefs.journal import codec
     from tidefs.journal.kafka import LogTrimmed
-    from tidefs.journal.log import open_log
 
     def below_start(start: int, wanted: int) -> CliError:
         return CliError(
@@ -251,7 +355,7 @@ def cmd_log(args: argparse.Namespace) -> int:
             f"were deleted), so offset {wanted} cannot be read; use --from {start} or higher"
         )
 
-    with open_log(args.journal, args.volume) as lg:
+    with open_volume_log(args.journal, args.volume) as lg:
         start = lg.start()
         offset = start if args.from_offset is None else args.from_offset
         if offset < start:
@@ -434,11 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--max-staleness",
-        type=float,
+        type=non_negative_float,
         metavar="SECONDS",
         help="reads wait while the local fold lags the log head by more than this",
     )
-    sp.add_argument("--metrics-port", type=int, metavar="PORT")
+    sp.add_argument("--metrics-port", type=port_number, metavar="PORT")
     sp.add_argument(
         "--metrics-addr",
         type=_metrics_addr,
@@ -467,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--store-timeout",
-        type=float,
+        type=positive_float,
         default=5.0,
         metavar="SECONDS",
         help="bound on each block store call; a read needing an unreachable store fails (EIO)",
@@ -476,12 +580,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("umount", help="flush and unmount a tidefs mount")
     sp.add_argument("mountpoint")
-    sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    sp.add_argument("--timeout", type=non_negative_float, default=60.0, metavar="SECONDS")
     sp.set_defaults(func=cmd_umount)
 
     sp = sub.add_parser("sync", help="wait until a mount has applied everything appended so far")
     sp.add_argument("mountpoint")
-    sp.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    sp.add_argument("--timeout", type=non_negative_float, default=60.0, metavar="SECONDS")
     sp.add_argument(
         "--data",
         action="store_true",
@@ -494,12 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
     journal_arg(sp)
     sp.add_argument("--region", required=True, metavar="NAME")
     sp.add_argument("--state-dir", metavar="DIR", help="the replicator's own state and progress")
-    sp.add_argument("--concurrency", type=int, default=8)
+    sp.add_argument("--concurrency", type=positive_int, default=8)
     sp.add_argument("--bandwidth-limit", type=parse_size, default=None, metavar="BYTES_PER_S")
     sp.add_argument("--once", action="store_true", help="copy the current backlog, then exit")
-    sp.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    sp.add_argument("--timeout", type=non_negative_float, default=None, metavar="SECONDS")
     sp.add_argument(
-        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on PORT"
+        "--metrics-port", type=port_number, metavar="PORT", help="serve Prometheus metrics on PORT"
     )
     sp.add_argument(
         "--metrics-addr",
@@ -515,12 +619,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--from",
         dest="from_offset",
-        type=int,
+        type=non_negative_int,
         default=None,
         metavar="N",
         help="first offset to print (default: the log's start)",
     )
-    sp.add_argument("--limit", type=int, default=None, metavar="K")
+    sp.add_argument("--limit", type=non_negative_int, default=None, metavar="K")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.set_defaults(func=cmd_log)
 
@@ -529,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     journal_arg(sp)
     sp.add_argument("--state-dir", required=True, metavar="DIR")
     to = sp.add_mutually_exclusive_group()
-    to.add_argument("--to-offset", type=int, default=None, metavar="N")
+    to.add_argument("--to-offset", type=non_negative_int, default=None, metavar="N")
     to.add_argument("--to-time", default=None, metavar="ISO8601")
     sp.add_argument(
         "--store",
@@ -550,9 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("top", help="a live view of every region's lag (q quits)")
     sp.add_argument("volume")
     journal_arg(sp)
-    sp.add_argument("--interval", type=float, default=1.0, metavar="SECONDS")
+    sp.add_argument("--interval", type=positive_float, default=1.0, metavar="SECONDS")
     sp.add_argument(
-        "--iterations", type=int, default=None, metavar="N", help="quit after N refreshes"
+        "--iterations", type=positive_int, default=None, metavar="N", help="quit after N refreshes"
     )
     sp.set_defaults(func=cmd_top)
 
@@ -588,6 +692,21 @@ def _error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _stdout_closed() -> bool:
+    """True if nobody reads stdout any more: a pipe whose reader exited reports POLLERR.
+
+    This tells a `| head` that has read enough from a broken connection to a
+    service, which is an error to report.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)  # POLLERR is always reported
+    return any(events & select.POLLERR for _fd, events in poller.poll(0))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `tidefs` command line; return the exit code."""
     import logging
@@ -598,13 +717,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="tidefs: %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's last flush
+        return code
     except KeyboardInterrupt:
         print("tidefs: interrupted", file=sys.stderr)
         return 130
     except CliUsageError as exc:
         print(f"tidefs {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError as exc:
+        if not _stdout_closed():
+            print(f"tidefs {args.command}: {exc}", file=sys.stderr)
+            return 1
+        # The reader went away (`| head`): stop quietly, as a tool that SIGPIPE ends does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except _error_types() as exc:
         print(f"tidefs {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,12 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from tidefs.fs import cli as _cli_module
-from tidefs.fs.cli import _region_spec, parse_duration
+from tidefs.fs.cli import (
+    _region_spec,
+    non_negative_int,
+    parse_duration,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from tidefs.fs.progress import Progress
@@ -279,6 +284,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     with _volume(args) as (lg, _info, stores):
         if args.at is not None:
             at_ns = _cli.parse_time(args.at)
+            if at_ns > time.time_ns():
+                # As an offset beyond the head is: the tree at that time is not known yet.
+                raise _error(
+                    f"{args.at} is in the future, past the log of {args.volume} "
+                    f"(head {lg.head()}): its tree is not known yet"
+                )
             # The state as of that time includes the records stamped exactly then.
             target = lg.offset_for_time(at_ns + 1) - 1
             if target < 0:
@@ -699,7 +710,9 @@ def register(
         help="snapshot this state directory at its offset (copied without its lock) instead "
         "of folding a private state to the head",
     )
-    sp.add_argument("--keep", type=int, default=3, metavar="N", help="prune: snapshots to keep")
+    sp.add_argument(
+        "--keep", type=non_negative_int, default=3, metavar="N", help="prune: snapshots to keep"
+    )
     sp.add_argument("--dry-run", action="store_true", help="prune: only say what would go")
     sp.set_defaults(func=cmd_snapshot)
 
@@ -712,7 +725,7 @@ def register(
     when = sp.add_mutually_exclusive_group(required=True)
     when.add_argument("--at", metavar="ISO8601", help="the time whose tree to restore")
     when.add_argument(
-        "--offset", type=int, metavar="N", help="the log offset whose tree to restore"
+        "--offset", type=non_negative_int, metavar="N", help="the log offset whose tree to restore"
     )
     sp.add_argument(
         "--path", required=True, metavar="/DIR", help="the tree to restore (in the volume)"
@@ -749,12 +762,12 @@ def register(
     sp.add_argument("--replay", action="store_true", help="also compare with a replay of the log")
     sp.add_argument(
         "--offset",
-        type=int,
+        type=non_negative_int,
         metavar="N",
         help="compare at this offset (default: the highest applied)",
     )
     sp.add_argument("--deep", action="store_true", help="also recompute each digest from every key")
-    sp.add_argument("--max-diffs", type=int, default=10, metavar="N")
+    sp.add_argument("--max-diffs", type=non_negative_int, default=10, metavar="N")
     sp.set_defaults(func=cmd_verify)
 
     sp = sub.add_parser(
@@ -773,7 +786,9 @@ def register(
         "--repair", action="store_true", help="copy missing or corrupt blocks from another region"
     )
     sp.add_argument("--quick", action="store_true", help="check existence only, do not read blocks")
-    sp.add_argument("--jobs", type=int, default=8, metavar="N", help="parallel block checks")
+    sp.add_argument(
+        "--jobs", type=positive_int, default=8, metavar="N", help="parallel block checks"
+    )
     sp.set_defaults(func=cmd_fsck)
 
     sp = sub.add_parser("gc", help="delete blocks no slice can need (a dry run unless --apply)")
@@ -794,7 +809,9 @@ def register(
         metavar="NAME=DIR",
         help="a region's state, for its applied offset when it publishes no status (repeatable)",
     )
-    sp.add_argument("--show", type=int, default=20, metavar="N", help="keys listed per region")
+    sp.add_argument(
+        "--show", type=non_negative_int, default=20, metavar="N", help="keys listed per region"
+    )
     sp.set_defaults(func=cmd_gc)
 
     sp = sub.add_parser(

@@ -11,6 +11,10 @@ import sys
 import time
 from typing import TextIO
 
+MIN_RATE_INTERVAL_S = 1.0
+"""A rate is shown once it is measured over at least this long: over the first
+microseconds a count divided by the time is noise (millions per second)."""
+
 
 class Progress:
     """A progress bar for `done` out of `total` units of `what`."""
@@ -26,11 +30,18 @@ class Progress:
         self.started = time.monotonic()
         self._last = 0.0
         self.done = 0
+        self._base: tuple[int, float] | None = None
+        """(done, time) of the first update: the rate counts from there, since a bar
+        may start part way (a phase that reports its first figure when already begun)."""
+        self._drawn: int | None = None
+        """`done` of the last plain line, so that `finish` does not print it twice."""
 
     def update(self, done: int) -> None:
         """Report that `done` units are complete (redraws at most every interval)."""
         self.done = done
         now = time.monotonic()
+        if self._base is None:
+            self._base = (done, now)
         if now - self._last >= self.interval or done >= self.total:
             self._last = now
             self._draw(final=False)
@@ -39,18 +50,28 @@ class Progress:
         """Draw the final state and end the line."""
         self._draw(final=True)
 
+    def rate(self) -> float | None:
+        """Units per second since the first update, or None while measured over too short a time."""
+        base_done, base_time = self._base if self._base is not None else (0, self.started)
+        elapsed = time.monotonic() - base_time
+        if elapsed < MIN_RATE_INTERVAL_S:
+            return None
+        return max(self.done - base_done, 0) / elapsed
+
     def _draw(self, *, final: bool) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.done / elapsed
+        rate = self.rate()
+        speed = "" if rate is None else f", {rate:,.0f}/s"
         frac = 1.0 if self.total == 0 else min(self.done / self.total, 1.0)
         if self.tty:
             width = 30
             filled = int(frac * width)
             bar = "#" * filled + "-" * (width - filled)
-            line = f"\r[{bar}] {frac:6.1%} {self.done}/{self.total} {self.what} ({rate:,.0f}/s)"
-            self.stream.write(line + ("\n" if final else ""))
+            line = f"\r[{bar}] {frac:6.1%} {self.done}/{self.total} {self.what}"
+            line += "" if rate is None else f" ({rate:,.0f}/s)"
+            self.stream.write("\x1b[2K" + line + ("\n" if final else ""))
         else:
-            self.stream.write(
-                f"{self.what}: {self.done}/{self.total} ({frac:.1%}, {rate:,.0f}/s)\n"
-            )
+            if final and self._drawn == self.done:
+                return  # the last update already printed this very line
+            self._drawn = self.done
+            self.stream.write(f"{self.what}: {self.done}/{self.total} ({frac:.1%}{speed})\n")
         self.stream.flush()

@@ -1,10 +1,11 @@
 """`tidefs top`: a live terminal view of every region of a volume, refreshed every second.
 
-It reads what `tidefs status` reads (each region's newest report in the
+It reads what `tidefs status` reads (each mount's newest report in the
 `<volume>.status` log, lag computed against the metadata log's head now), so
 it needs nothing but the journal URL: no metrics endpoint has to be reachable.
-The fallback rate is the change of a region's fallback reads between two
-refreshes. Plain ANSI escapes, no curses; `q` (or Ctrl-C) quits.
+A region with several mounts (hosts) has a row per mount. The fallback rate
+is the change of a mount's fallback reads between two refreshes. Plain ANSI
+escapes, no curses; `q` (or Ctrl-C) quits.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from tidefs.journal.log import JournalError, Log, open_log
-from tidefs.replica.status import RegionStatus, read_status
+from tidefs.replica.status import MountKey, RegionStatus, read_mounts
 
 CLEAR = "\x1b[H\x1b[2J"
 HIDE_CURSOR, SHOW_CURSOR = "\x1b[?25l", "\x1b[?25h"
@@ -40,30 +41,31 @@ def _size(n: float) -> str:
 
 def render(
     volume: str,
-    regions: dict[str, RegionStatus],
-    rates: dict[str, float],
+    regions: dict[MountKey, RegionStatus],
+    rates: dict[MountKey, float],
     *,
     now_ns: int,
     error: str | None = None,
 ) -> str:
-    """Return one screen: a header and a row per region."""
+    """Return one screen: a header and a row per mount of every region."""
     lines = [
         f"{BOLD}tidefs top{RESET} - volume {volume} - "
         f"{time.strftime('%H:%M:%S', time.localtime(now_ns / 1e9))} - q quits",
         "",
         f"{BOLD}{'REGION':<14}{'OFFSET':>10}{'LAG REC':>9}{'LAG S':>8}{'BACKLOG':>9}"
-        f"{'BYTES':>10}{'OLDEST S':>9}{'FALLBK/S':>9}{'P99 APPLY':>10}{'REPORT':>8}{RESET}",
+        f"{'BYTES':>10}{'OLDEST S':>9}{'FALLBK/S':>9}{'P99 APPLY':>10}{'REPORT':>8}"
+        f"  {'HOST':<16}MOUNT{RESET}",
     ]
     if not regions:
         lines.append(f"no region of volume {volume} has published its status yet")
-    for name, st in sorted(regions.items()):
+    for key, st in sorted(regions.items()):
         age = max(0.0, (now_ns - st.published_ns) / 1e9)
         stale = age > STALE_AFTER_S
         row = (
-            f"{name:<14}{st.applied_offset:>10}{st.lag_records:>9}{st.lag_seconds:>8.1f}"
+            f"{st.region:<14}{st.applied_offset:>10}{st.lag_records:>9}{st.lag_seconds:>8.1f}"
             f"{st.backlog_blocks:>9}{_size(st.backlog_bytes):>10}{st.backlog_oldest_s:>9.1f}"
-            f"{rates.get(name, 0.0):>9.1f}{st.apply_delay_p99_s * 1000:>8.1f}ms"
-            f"{age:>7.0f}s"
+            f"{rates.get(key, 0.0):>9.1f}{st.apply_delay_p99_s * 1000:>8.1f}ms"
+            f"{age:>7.0f}s  {st.host or '-':<16}{st.mount_id or '-'}"
         )
         lines.append(f"{RED}{row}{RESET}" if stale else row)
     if error:
@@ -118,9 +120,9 @@ def run_top(
         print(f"tidefs top: {exc}", file=sys.stderr)
         return 1
     stdin = sys.stdin.fileno() if sys.stdin is not None and not sys.stdin.closed else None
-    previous: dict[str, tuple[int, int]] = {}
-    rates: dict[str, float] = {}
-    regions: dict[str, RegionStatus] = {}
+    previous: dict[MountKey, tuple[int, int]] = {}
+    rates: dict[MountKey, float] = {}
+    regions: dict[MountKey, RegionStatus] = {}
     shown = 0
     try:
         with _cbreak(stdin) if stdin is not None else contextlib.nullcontext(False) as keys:
@@ -128,17 +130,17 @@ def run_top(
             while iterations is None or shown < iterations:
                 error = None
                 try:
-                    regions = read_status(journal_url, volume, metadata_log=mlog)
+                    regions = read_mounts(journal_url, volume, metadata_log=mlog)
                 except JournalError as exc:
                     error = f"cannot read the journal: {exc} (showing the last figures)"
                 now = time.time_ns()
-                for name, st in regions.items():
-                    prev = previous.get(name)
+                for key, st in regions.items():
+                    prev = previous.get(key)
                     if prev is not None and st.published_ns > prev[1]:
                         dt = (st.published_ns - prev[1]) / 1e9
-                        rates[name] = max(0, st.fallback_reads - prev[0]) / dt
+                        rates[key] = max(0, st.fallback_reads - prev[0]) / dt
                     if prev is None or st.published_ns > prev[1]:
-                        previous[name] = (st.fallback_reads, st.published_ns)
+                        previous[key] = (st.fallback_reads, st.published_ns)
                 out.write(CLEAR + render(volume, regions, rates, now_ns=now, error=error))
                 out.flush()
                 shown += 1

@@ -69,6 +69,7 @@ from tidefs.journal.log import (
     JournalError,
     JournalUnavailable,
     Log,
+    LogMissing,
     Record,
     positive_float,
     url_options,
@@ -320,7 +321,7 @@ class KafkaLog(Log):
                 if all(p.leader >= 0 and p.error is None for p in topic.partitions.values()):
                     return
             elif not create:
-                raise JournalUnavailable(
+                raise LogMissing(
                     f"Kafka topic {self.topic} for volume {self.volume!r} does not exist "
                     f"on {self.bootstrap} (and create=false)"
                 )

@@ -22,6 +22,10 @@ class JournalUnavailable(JournalError):
     """The log could not be reached or written within the configured time."""
 
 
+class LogMissing(JournalUnavailable):
+    """The volume's log does not exist, and the caller asked not to create it."""
+
+
 class JournalConfigError(JournalError):
     """A journal URL or option is malformed or names an unsupported backend."""
 

@@ -245,6 +245,8 @@ class SqliteLog(Log):
             raise JournalConfigError(
                 f"sqlite journal URL {url!r} names no file: sqlite:///path/log.db"
             )
+        # sqlite:////tmp/log.db (four slashes, as SQLAlchemy writes it) is /tmp/log.db, not //tmp.
+        path = "/" + path.lstrip("/")
         merged = url_options(url, parts.query, options)
         known: dict[str, Callable[[object], object]] = {
             "timeout": positive_float,

@@ -7,8 +7,15 @@ second log beside the volume's metadata log, `<volume>.status`, every few
 seconds. The metadata log is never used for this: status reports are not
 commands, must not move the head they measure, and must not enter the fold.
 
+A region may run many mounts, on one host or several: each report names its
+host and a mount id drawn at random when the publishing process starts, so
+`tidefs status` and `tidefs top` show one row per mount (`read_mounts`), while
+callers that need one figure per region (gc, the log's trim point) take the
+newest report of each region (`read_status`). The mount id is no fact of the
+fold: status reports never enter it.
+
 `tidefs status` reads the tail of that log, keeps the newest report of every
-region, and computes lag against the metadata log's head as it is *now*: in
+mount, and computes lag against the metadata log's head as it is *now*: in
 records (head - 1 - applied) and in seconds (how long ago the oldest record
 that region has not applied was appended).
 
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,11 +60,17 @@ def status_volume(volume: str) -> str:
 
 @dataclass
 class RegionStatus:
-    """The newest report of one region, with lag computed against the current head."""
+    """The newest report of one region's mount, with lag computed against the current head."""
 
     region: str
     applied_offset: int
     published_ns: int
+    host: str = ""
+    """The host the reporting process runs on ("" in reports from before hosts were named)."""
+    mount_id: str = ""
+    """Random per mount (or `tidefs replicate`) process: two mounts of one region differ."""
+    report_offset: int = -1
+    """Where this report is in the status log: of two reports the later one is newer."""
     lag_records: int = 0
     lag_seconds: float = 0.0
     backlog_blocks: int = 0
@@ -85,10 +100,14 @@ class StatusPublisher:
         collect: Callable[[], dict[str, Any]],
         *,
         interval: float = 2.0,
+        host: str | None = None,
+        mount_id: str | None = None,
     ) -> None:
         self.journal_url = journal_url
         self.volume = volume
         self.region = region
+        self.host = host if host is not None else socket.gethostname()
+        self.mount_id = mount_id if mount_id is not None else secrets.token_hex(4)
         self.collect = collect
         self.interval = interval
         self._stop = threading.Event()
@@ -122,7 +141,13 @@ class StatusPublisher:
         with self._lock:
             if self._log is None:
                 self._log = open_log(self.journal_url, status_volume(self.volume))
-            report = {"region": self.region, "published_ns": time.time_ns(), **self.collect()}
+            report = {
+                "region": self.region,
+                "host": self.host,
+                "mount_id": self.mount_id,
+                "published_ns": time.time_ns(),
+                **self.collect(),
+            }
             self._log.append(json.dumps(report, sort_keys=True).encode())
 
     def publish_final(self) -> None:
@@ -230,19 +255,46 @@ def read_digests(journal_url: str, volume: str) -> dict[str, list[tuple[int, str
     return {region: sorted(seen, key=lambda p: p[0]) for region, seen in sorted(pairs.items())}
 
 
+MountKey = tuple[str, str, str]
+"""(region, host, mount id): what tells one mount's reports from another's."""
+
+
 def read_status(
     journal_url: str, volume: str, *, metadata_log: Log | None = None
 ) -> dict[str, RegionStatus]:
-    """Return the newest status of every region that ever published, with lag computed now."""
-    reports: dict[str, dict[str, Any]] = {}
-    for _offset, report in _reports(journal_url, volume, TAIL_RECORDS):
-        reports[str(report["region"])] = report
+    """Return the newest status of every region that ever published, with lag computed now.
+
+    Of a region with several mounts, the one whose report is newest in the log stands for it.
+    """
+    return newest_per_region(read_mounts(journal_url, volume, metadata_log=metadata_log))
+
+
+def newest_per_region(mounts: dict[MountKey, RegionStatus]) -> dict[str, RegionStatus]:
+    """Of every region's mounts, the one whose report came last in the status log."""
+    out: dict[str, RegionStatus] = {}
+    for st in mounts.values():
+        if st.region not in out or st.report_offset > out[st.region].report_offset:
+            out[st.region] = st
+    return dict(sorted(out.items()))
+
+
+def read_mounts(
+    journal_url: str, volume: str, *, metadata_log: Log | None = None
+) -> dict[MountKey, RegionStatus]:
+    """Return the newest status of every mount, by (region, host, mount id), with lag computed now.
+
+    Sorted by that key, so that a region's mounts are listed together.
+    """
+    reports: dict[MountKey, tuple[int, dict[str, Any]]] = {}
+    for offset, report in _reports(journal_url, volume, TAIL_RECORDS):
+        key = (str(report["region"]), str(report.get("host", "")), str(report.get("mount_id", "")))
+        reports[key] = (offset, report)
     own = metadata_log is None
     mlog = metadata_log if metadata_log is not None else open_log(journal_url, volume)
     try:
         m_head, m_start = mlog.head(), mlog.start()
-        out: dict[str, RegionStatus] = {}
-        for region, rep in sorted(reports.items()):
+        out: dict[MountKey, RegionStatus] = {}
+        for (region, host, mount_id), (report_offset, rep) in sorted(reports.items()):
             applied = int(rep.get("applied_offset", -1))
             lag_records = max(0, m_head - 1 - applied)
             lag_seconds = 0.0
@@ -252,10 +304,13 @@ def read_status(
                 if first_missing:
                     lag_seconds = max(0.0, (time.time_ns() - first_missing[0].timestamp_ns) / 1e9)
             known = {f for f in RegionStatus.__dataclass_fields__ if f != "extra"}
-            out[region] = RegionStatus(
+            status = RegionStatus(
                 region=region,
                 applied_offset=applied,
                 published_ns=int(rep.get("published_ns", 0)),
+                host=host,
+                mount_id=mount_id,
+                report_offset=report_offset,
                 lag_records=lag_records,
                 lag_seconds=lag_seconds,
                 backlog_blocks=int(rep.get("backlog_blocks", 0)),
@@ -267,6 +322,7 @@ def read_status(
                 state_before_log_start=applied + 1 < m_start,
                 extra={k: v for k, v in rep.items() if k not in known},
             )
+            out[region, host, mount_id] = status
         return out
     finally:
         if own:

@@ -316,7 +316,8 @@ class FileStore(BlockStore):
         path = unquote(parts.path)
         if not path.startswith("/") or "\0" in path:
             raise StoreConfigError(f"file store URL {url!r} must name an absolute path")
-        return cls(path, url=url)
+        # file:////data/x names /data/x: messages and paths then read /data/x, not //data/x.
+        return cls("/" + path.lstrip("/"), url=url)
 
     def _path(self, key: str) -> str:
         return os.path.join(self._root, check_key(key))

@@ -169,3 +169,132 @@ def test_bad_input_is_one_clear_line(
 def test_help_and_usage_errors() -> None:
     assert "replay" in run("--help").stdout
     assert run("log", check=False).returncode == 2
+
+
+def test_a_missing_volume_is_named_and_fails(
+    journal_url: str, journal_volume: str, tmp_path: Path
+) -> None:
+    """`status`, `log` and `top` of a volume never formatted: one line naming it, exit 1.
+
+    Nothing is created on the way: no SQLite file where none was, no Kafka topic.
+    """
+    with open_log(journal_url, journal_volume) as lg:
+        for env in history():
+            lg.append(codec.encode(env), env.timestamp_ns)
+    missing = journal_volume + "-missing"
+    for command in ("status", "log", "top"):
+        proc = run(command, missing, "--journal", journal_url, check=False)
+        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        assert proc.stdout == ""
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"no volume {missing!r}" in lines[0], proc.stderr
+    assert run("status", journal_volume, "--journal", journal_url).returncode == 0
+
+    if journal_url.startswith("sqlite:"):
+        nowhere = tmp_path / "none.db"
+        proc = run("log", "vol", "--journal", f"sqlite://{nowhere}", check=False)
+        assert proc.returncode == 1 and "no volume 'vol'" in proc.stderr
+        assert f"{nowhere} does not exist" in proc.stderr
+        assert not nowhere.exists()
+    else:
+        from confluent_kafka.admin import AdminClient
+
+        topics = AdminClient({"bootstrap.servers": journal_url.removeprefix("kafka://")})
+        assert f"tidefs.{missing}.log" not in topics.list_topics(timeout=30).topics
+
+
+def _option(args: list[str]) -> str:
+    """The option an argument list gets wrong: its last one."""
+    return [a.split("=")[0] for a in args if a.startswith("--")][-1]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["mount", "vol", "mnt", "--journal", "sqlite:///TMP/x.db", "--region", "a", "--metrics-port", "99999"],
+        ["mount", "vol", "mnt", "--journal", "sqlite:///TMP/x.db", "--region", "a", "--store-timeout", "0"],
+        ["replicate", "vol", "--journal", "sqlite:///TMP/x.db", "--region", "a", "--metrics-port", "0"],
+        ["replicate", "vol", "--journal", "sqlite:///TMP/x.db", "--region", "a", "--concurrency", "0"],
+        ["log", "vol", "--journal", "sqlite:///TMP/x.db", "--limit", "-3"],
+        ["log", "vol", "--journal", "sqlite:///TMP/x.db", "--from", "-5"],
+        ["sync", "mnt", "--timeout", "-1"],
+        ["umount", "mnt", "--timeout", "-1"],
+        ["top", "vol", "--journal", "sqlite:///TMP/x.db", "--interval", "0"],
+        ["top", "vol", "--journal", "sqlite:///TMP/x.db", "--interval", "nan"],
+        ["top", "vol", "--journal", "sqlite:///TMP/x.db", "--iterations", "0"],
+        ["replay", "vol", "--journal", "sqlite:///TMP/x.db", "--state-dir", "s", "--to-offset", "-1"],
+        ["format", "vol", "--journal", "sqlite:///TMP/x.db", "--region", "a=file:///TMP/s", "--retention=-1d"],
+        ["format", "vol", "--journal", "sqlite:///TMP/x.db", "--region", "a=file:///TMP/s", "--block-size", "inf"],
+        ["restore", "vol", "--journal", "sqlite:///TMP/x.db", "--path", "/a", "--to", "/b", "--offset", "-1"],
+        ["fsck", "vol", "--journal", "sqlite:///TMP/x.db", "--region", "a", "--jobs", "0"],
+        ["gc", "vol", "--journal", "sqlite:///TMP/x.db", "--show", "-1"],
+    ],
+    ids=lambda args: args[0] + _option(args),
+)  # fmt: skip
+def test_out_of_range_arguments_are_usage_errors(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each is refused by the parser, naming the option (the last one), exit 2, touching nothing."""
+    monkeypatch.chdir(tmp_path)
+    # TMP is a directory that does not exist: even a parser that let the value through
+    # would create nothing on its way to failing.
+    proc = run(*(a.replace("/TMP/", f"{tmp_path}/j/") for a in args), check=False)
+    assert proc.returncode == 2, proc.stderr
+    option = _option(args)
+    assert f"error: argument {option}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_log_into_a_closed_pipe_stops_quietly(tmp_path: Path) -> None:
+    """`tidefs log | head -1`: no "Broken pipe" message, the exit status of a tool SIGPIPE ends."""
+    url = f"sqlite://{tmp_path / 'log.db'}"
+    with open_log(url, "vol") as lg:
+        envs = history()
+        lg.append_many([(codec.encode(env), env.timestamp_ns) for env in envs])
+        more = [
+            Envelope(Mkdir(parent=1, name=b"d%05d" % i, mode=0o40755, uid=0, gid=0), "a", T0)
+            for i in range(3000)  # far more than a pipe's buffer holds
+        ]
+        lg.append_many([(codec.encode(env), env.timestamp_ns) for env in more])
+    proc = subprocess.Popen(
+        [*TIDEFS, "log", "vol", "--journal", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    assert b"CreateVolume" in first
+    proc.stdout.close()  # what `head -1` does once it has its line
+    code = proc.wait(timeout=120)
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert err == "" and code == 128 + 13, (code, err)
+
+    shell = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {' '.join(TIDEFS)} log vol --journal {url} | head -1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert shell.stderr == "" and shell.stdout.count("\n") == 1
+    assert shell.returncode == 141  # as `seq 1 1000000 | head -1` under pipefail
+
+
+def test_urls_with_four_slashes_name_plain_paths(tmp_path: Path) -> None:
+    """sqlite:////dir/log.db and file:////dir are /dir/...: messages never print //dir."""
+    from tidefs.replica.store import FileStore
+
+    missing = tmp_path / "nodir" / "log.db"
+    proc = run(
+        "replay", "vol", "--journal", f"sqlite:///{missing}", "--state-dir",
+        str(tmp_path / "s"), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1 and f"journal directory {missing.parent} does not exist" in (
+        proc.stderr
+    )
+    assert "//" not in proc.stderr.replace("sqlite:///", ""), proc.stderr
+    store = FileStore.from_url(f"file:///{tmp_path / 'store'}")
+    try:
+        assert str(store.root) == str(tmp_path / "store")
+    finally:
+        store.close()

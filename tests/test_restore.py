@@ -309,3 +309,31 @@ def test_retention_is_a_volume_setting_and_restore_refuses_older_points(tmp_path
         assert vol.state().lookup(ROOT_INODE, b"back") is not None
     finally:
         vol.close()
+
+
+def test_restore_refuses_a_time_in_the_future(tmp_path: Path) -> None:
+    """`--at` a time still to come is refused like `--offset` beyond the head: nothing restored."""
+    url = f"sqlite://{tmp_path / 'log.db'}"
+    vol = OpsVolume.create(url, "vol", tmp_path, {"a": (tmp_path / "sa").as_uri()})
+    try:
+        vol.mkdir(ROOT_INODE, b"d")
+        head = vol.open_log().head()
+        common = ["vol", "--journal", url, "--path", "/d", "-q", "--work-dir", str(tmp_path)]
+        tomorrow = datetime.fromtimestamp(time.time() + 86400, tz=UTC).isoformat()
+        for when, message in (
+            (["--offset", str(head)], f"offset {head} is not in the log of vol (head {head})"),
+            (["--at", tomorrow], f"{tomorrow} is in the future, past the log of vol (head {head})"),
+        ):
+            refused = run_cli("restore", *common, *when, "--to", "/back", check=False)
+            assert refused.returncode == 1 and refused.stdout == "", refused
+            lines = refused.stderr.strip().splitlines()
+            assert len(lines) == 1 and message in lines[0], refused.stderr
+        assert vol.open_log().head() == head  # no command appended
+        vol.sync()
+        assert vol.state().lookup(ROOT_INODE, b"back") is None
+        # A time after the last record but already past restores the head's tree.
+        now = datetime.fromtimestamp(time.time(), tz=UTC).isoformat()
+        done = run_cli("restore", *common, "--at", now, "--to", "/back")
+        assert f"as of offset {head - 1} to /back" in done.stdout
+    finally:
+        vol.close()

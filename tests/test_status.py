@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,65 @@ def test_published_digests_match_a_replay_even_while_the_fold_runs(
         for offset, digest in pairs:
             assert fold_range(lg, replay, to_offset=offset) == offset
             assert replay.applied_and_digest() == (offset, bytes.fromhex(digest))
+
+
+def test_every_mount_of_a_region_is_a_row(tmp_path: Path) -> None:
+    """Two processes serving region b (two hosts, or two mounts on one) are two rows, not one.
+
+    Each `tidefs replicate` publishes like a mount, with its host and a mount id of its
+    own; `status` (text and `--json`) and `top` list both, gc and verify still see
+    one region b.
+    """
+    import socket
+
+    from tidefs.fs.top import render
+    from tidefs.fs.volume import format_volume
+    from tidefs.replica.status import read_mounts
+
+    journal = f"sqlite://{tmp_path / 'log.db'}"
+    regions = [Region(n, (tmp_path / f"store-{n}").as_uri()) for n in ("a", "b")]
+    format_volume(journal, "vol", regions, "a")
+
+    def cli(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "tidefs.fs.cli", *args],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+
+    for n in (1, 2):
+        cli("replicate", "vol", "--journal", journal, "--region", "b", "--once",
+            "--state-dir", str(tmp_path / f"replicate-b{n}"))  # fmt: skip
+    # A report from before mounts were told apart (no host, no mount id) is a row of its own.
+    with open_log(journal, status_volume("vol")) as slog:
+        slog.append(json.dumps({"region": "a", "applied_offset": 0}).encode())
+
+    mounts = read_mounts(journal, "vol")
+    host = socket.gethostname()
+    assert [(r, h) for r, h, _m in mounts] == [("a", ""), ("b", host), ("b", host)]
+    ids = [m for r, _h, m in mounts if r == "b"]
+    assert len(set(ids)) == 2 and all(ids)
+    assert set(read_status(journal, "vol")) == {"a", "b"}
+
+    status = json.loads(cli("status", "vol", "--journal", journal, "--json"))
+    assert set(status) == {"a", "b"}
+    assert status["b"]["applied_offset"] == 0  # the region's newest report, as before
+    rows = status["b"]["mounts"]
+    assert sorted(r["mount_id"] for r in rows) == sorted(ids)
+    assert {r["host"] for r in rows} == {host}
+    assert len(status["a"]["mounts"]) == 1
+
+    text = cli("status", "vol", "--journal", journal).splitlines()
+    assert text[0].split()[-2:] == ["host", "mount"]
+    assert [line.split()[0] for line in text[1:]] == ["a", "b", "b"]
+    assert {line.split()[-1] for line in text[1:] if line.startswith("b")} == set(ids)
+
+    screen = render("vol", mounts, {}, now_ns=time.time_ns())
+    assert sum(line.startswith("b ") for line in screen.split("\r\n")) == 2, screen
+    assert all(m in screen for m in ids)
+
+    # gc counts region b once, at the applied offset its processes published.
+    cli("replay", "vol", "--journal", journal, "--state-dir", str(tmp_path / "a"), "-q")
+    gc = json.loads(
+        cli("gc", "vol", "--journal", journal, "--json", "--state-dir", f"a={tmp_path / 'a'}")
+    )
+    assert gc["blocked"] is None and gc["applied"] == {"a": 0, "b": 0}
