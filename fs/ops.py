@@ -331,6 +331,11 @@ class TideOps(pyfuse3.Operations):
             return await self._run(self._truncate, inode, attr, fields)
         command = self._setattr_command(self._attr(inode), inode, attr, fields, None)
         if command != SetAttr(inode=inode):
+            if self.data.pending(inode) is not None:
+                # Writes made before this call must precede it in the log too: their
+                # commit stamps mtime, and a time set after a write (cp -p, tar, rsync
+                # -t, touch) must win over it, as on Linux.
+                await self._run(self.data.flush, inode)
             await self._submit_async(command)
         # else only ctime was asked for (the kernel's "touch ctime"): nothing to record.
         return self._entry_of(inode)
