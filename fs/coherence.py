@@ -17,6 +17,10 @@ invalidates everything it changed: dropping an entry the kernel could have
 kept costs one lookup, keeping a stale one shows another region's file as it
 was.
 
+The same place hears of every fold of the mount: after every batch
+`ObservedState` tells the data path which inodes changed, so that what it
+derived from them (allocated sizes, fs/data.py) is forgotten.
+
 Notifications go out from a thread of their own: `invalidate_entry` blocks
 while the kernel runs a related request (a mkdir in the same directory,
 itself waiting for the fold), so the fold's thread only queues.
@@ -38,7 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyfuse3
 import trio
@@ -358,6 +362,14 @@ def _no_abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
+class Keeper(Protocol):
+    """What the data path needs to hear of the folds (fs/data.py, `DataPath`)."""
+
+    def changed(self, inodes: frozenset[int]) -> None:
+        """The fold changed these inodes."""
+        ...
+
+
 class ObservedState:
     """The state as the replica's folds see it: it remembers the last batch applied.
 
@@ -368,13 +380,17 @@ class ObservedState:
     listener is told about.
     """
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, keeper: Keeper | None = None) -> None:
         self._state = state
+        self.keeper = keeper
         self.last_batch: Sequence[tuple[int, Envelope]] = ()
 
     def apply(self, batch: Sequence[tuple[int, Envelope]]) -> ApplyResult:
         self.last_batch = batch
-        return self._state.apply(batch)
+        result = self._state.apply(batch)
+        if self.keeper is not None:
+            self.keeper.changed(result.changed_inodes)
+        return result
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._state, name)

@@ -62,6 +62,13 @@ streaming through a file finds its next blocks already local. A read at any
 offset further away resets the window, so random access costs nothing extra.
 Concurrent requests for one block share a single fetch.
 
+Allocated size
+--------------
+`st_blocks` counts what slices hold (holes excluded), as du expects: the
+union of a file's slice ranges, clipped to its size, plus what is buffered.
+getattr is a hot path, so the committed part is cached per inode and
+forgotten whenever the fold changes that inode (`changed`).
+
 Compaction
 ----------
 Overwrites fragment a chunk into many slices, and every read then pays for
@@ -103,6 +110,7 @@ from tidefs.replica.store import FileStore
 if TYPE_CHECKING:
     from tidefs.journal.commands import Command
     from tidefs.replica.fetch import BlockFetcher
+    from tidefs.replica.keys import Attr
     from tidefs.replica.state import State
 
 log = logging.getLogger(__name__)
@@ -112,6 +120,9 @@ Submit = Callable[["Command", bytes], Outcome]
 
 UPLOAD_ATTEMPTS = 3
 """Tries of one block upload before the flush that needs it fails (EIO)."""
+
+ALLOCATED_CACHE_MAX = 1 << 16
+"""Inodes whose allocated size a mount remembers; past that the cache starts over."""
 
 
 class DataError(Exception):
@@ -333,6 +344,18 @@ def _merge(intervals: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, 
     return merged
 
 
+def covered_bytes(slices: Iterable[SliceRef], limit: int) -> int:
+    """Return how many bytes of [0, limit) of a chunk the slices cover together."""
+    total = 0
+    reach = 0
+    for start, end in sorted((s.offset, min(s.offset + s.length, limit)) for s in slices):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
+
+
 def coalesce(extents: list[Extent], block_size: int) -> list[Extent]:
     """Merge extents (oldest first; none sealed) into disjoint, non-adjacent runs per chunk.
 
@@ -524,6 +547,9 @@ class DataPath:
         self._compacting: set[tuple[int, int]] = set()
         self._candidates: dict[tuple[int, int], float] = {}
         self._closed = False
+        self._alloc_lock = threading.Lock()
+        self._allocated: dict[int, tuple[int, int]] = {}  # ino -> (size, bytes in slices)
+        self._alloc_epoch = 0
 
     # -- open files ----------------------------------------------------------
 
@@ -568,6 +594,54 @@ class DataPath:
                 if left <= 0 and buf is not None and not buf.extents:
                     del self._buffers[ino]
         return ino, left <= 0
+
+    # -- allocated size (module doc) ------------------------------------------------
+
+    def changed(self, inodes: Iterable[int]) -> None:
+        """The fold changed these inodes: forget their allocated sizes (folding thread)."""
+        with self._alloc_lock:
+            self._alloc_epoch += 1
+            for ino in inodes:
+                self._allocated.pop(ino, None)
+
+    def allocated(self, attr: Attr) -> int:
+        """Bytes of a regular file held by slices or buffered here (holes excluded).
+
+        Committed ranges are counted once and clipped to the size; buffered
+        bytes are added as they are (a rewrite may count twice until it
+        commits; the caller clips the sum to the size).
+        """
+        ino, size = attr.ino, attr.size
+        buf = self._buffers.get(ino)
+        buffered = buf.bytes if buf is not None else 0
+        if size <= 0:
+            return buffered
+        with self._alloc_lock:
+            hit = self._allocated.get(ino)
+            epoch = self._alloc_epoch
+        if hit is not None and hit[0] == size:
+            return hit[1] + buffered
+        # A file within one chunk (most files) needs no scan of its chunk keys.
+        chunks = [0] if size <= self.chunk_size else self.state.chunks(ino)
+        total = self._count(lambda c: self.state.slices(ino, c), chunks, size)
+        with self._alloc_lock:
+            # Stored only if no fold ran meanwhile: it may have changed this inode.
+            if self._alloc_epoch == epoch:
+                if len(self._allocated) >= ALLOCATED_CACHE_MAX:
+                    self._allocated.clear()
+                self._allocated[ino] = (size, total)
+        return total + buffered
+
+    def _count(
+        self, slices: Callable[[int], list[SliceRef]], chunks: Iterable[int], size: int
+    ) -> int:
+        cs = self.chunk_size
+        total = 0
+        for c in chunks:
+            limit = min(cs, size - c * cs)
+            if limit > 0:
+                total += covered_bytes(slices(c), limit)
+        return total
 
     # -- writing ---------------------------------------------------------------
 

@@ -208,14 +208,17 @@ class TideOps(pyfuse3.Operations):
         e.st_gid = attr.gid
         e.st_rdev = attr.rdev
         size, mtime, ctime = attr.size, attr.mtime_ns, attr.ctime_ns
-        pending = self.data.pending(attr.ino) if stat.S_ISREG(attr.mode) else None
+        regular = stat.S_ISREG(attr.mode)
+        pending = self.data.pending(attr.ino) if regular else None
         if pending is not None:
             size = max(size, pending[0])
             mtime = max(mtime, pending[1])
             ctime = max(ctime, pending[1])
         e.st_size = size
         e.st_blksize = STAT_BLKSIZE
-        e.st_blocks = (size + 511) // 512
+        # A regular file counts what its slices hold, holes excluded, as du expects.
+        used = min(self.data.allocated(attr), size) if regular else size
+        e.st_blocks = (used + 511) // 512
         e.st_atime_ns = attr.atime_ns
         e.st_mtime_ns = mtime
         e.st_ctime_ns = ctime
