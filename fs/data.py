@@ -62,6 +62,18 @@ streaming through a file finds its next blocks already local. A read at any
 offset further away resets the window, so random access costs nothing extra.
 Concurrent requests for one block share a single fetch.
 
+Files removed while open here
+-----------------------------
+A file unlinked in another region while open in this mount is dropped by
+the fold here too when that region reclaims it: the fold cannot know about
+this mount's open files and stays the same everywhere. So just before the
+fold drops an inode that a handle of this mount holds open, the mount keeps
+its attributes and slice lists (`keep`, called from coherence.py), and reads
+and fstat through the open handles go on from that snapshot until the last
+of them is closed here. The blocks themselves stay in the stores for the
+volume's retention period. Writes through such a handle fail with ESTALE:
+nothing could ever commit them.
+
 Allocated size
 --------------
 `st_blocks` counts what slices hold (holes excluded), as du expects: the
@@ -281,6 +293,14 @@ class OpenFile:
     flags: int
     ra_next: int = -1
     ra_window: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """An inode the fold dropped while this mount held it open: what its handles still read."""
+
+    attr: Attr
+    slices: dict[int, list[SliceRef]]
 
 
 # -- the read plan -----------------------------------------------------------
@@ -547,6 +567,7 @@ class DataPath:
         self._compacting: set[tuple[int, int]] = set()
         self._candidates: dict[tuple[int, int], float] = {}
         self._closed = False
+        self._kept: dict[int, Kept] = {}
         self._alloc_lock = threading.Lock()
         self._allocated: dict[int, tuple[int, int]] = {}  # ino -> (size, bytes in slices)
         self._alloc_epoch = 0
@@ -593,16 +614,58 @@ class DataPath:
                 buf = self._buffers.get(ino)
                 if left <= 0 and buf is not None and not buf.extents:
                     del self._buffers[ino]
+                if left <= 0:
+                    self._kept.pop(ino, None)
         return ino, left <= 0
+
+    # -- files removed while open here (module doc) -------------------------------
+
+    def holds(self, ino: int) -> bool:
+        """Whether the fold dropping `ino` must leave it readable here (a handle has it open)."""
+        return self.is_open(ino)
+
+    def keep(self, ino: int) -> None:
+        """Snapshot what the open handles of `ino` read, just before the fold drops it."""
+        attr = self.state.getattr(ino)
+        if attr is None or not attr.is_reg:
+            return
+        slices = {c: self.state.slices(ino, c) for c in self.state.chunks(ino)}
+        with self._lock:
+            if self._open_count.get(ino, 0) > 0:  # not closed meanwhile
+                self._kept[ino] = Kept(attr, slices)
+
+    def kept(self, ino: int) -> Attr | None:
+        """The attributes of an inode gone from the state but still open here, else None."""
+        k = self._kept.get(ino)
+        return None if k is None else k.attr
+
+    def attr(self, ino: int) -> Attr | None:
+        """The attributes of `ino`: from the state, or kept for the handles that hold it."""
+        attr = self.state.getattr(ino)
+        if attr is None:
+            return self.kept(ino)
+        return attr
+
+    def _slices(self, ino: int, chunk: int) -> list[SliceRef]:
+        k = self._kept.get(ino)
+        if k is not None:
+            return k.slices.get(chunk, [])
+        return self.state.slices(ino, chunk)
 
     # -- allocated size (module doc) ------------------------------------------------
 
     def changed(self, inodes: Iterable[int]) -> None:
-        """The fold changed these inodes: forget their allocated sizes (folding thread)."""
+        """The fold changed these inodes: forget their allocated sizes (folding thread).
+
+        A kept inode that the fold did not drop after all (its Reclaim found
+        it linked) is the state's again.
+        """
         with self._alloc_lock:
             self._alloc_epoch += 1
             for ino in inodes:
                 self._allocated.pop(ino, None)
+                if ino in self._kept and self.state.getattr(ino) is not None:
+                    self._kept.pop(ino, None)
 
     def allocated(self, attr: Attr) -> int:
         """Bytes of a regular file held by slices or buffered here (holes excluded).
@@ -616,6 +679,9 @@ class DataPath:
         buffered = buf.bytes if buf is not None else 0
         if size <= 0:
             return buffered
+        k = self._kept.get(ino)
+        if k is not None:
+            return self._count(k.slices.__getitem__, list(k.slices), size) + buffered
         with self._alloc_lock:
             hit = self._allocated.get(ino)
             epoch = self._alloc_epoch
@@ -655,6 +721,8 @@ class DataPath:
     def write(self, fh: int, off: int, data: bytes) -> int:
         """Buffer `data` at `off`; return len(data). Uploads and commits run behind."""
         ino = self.inode_of(fh)
+        if ino in self._kept:
+            raise DataError(errno.ESTALE, f"inode {ino} was removed in another region")
         buf = self._buffer(ino)
         view = memoryview(data)
         cs = self.chunk_size
@@ -868,6 +936,9 @@ class DataPath:
             home=self.region,
         )
         outcome = self._submit(CommitSlice(inode=ino, chunk_index=ext.chunk, slice=ref), ext)
+        if outcome.errno == errno.ENOENT:
+            # The file is open here, so it existed: another region removed it since.
+            raise DataError(errno.ESTALE, f"inode {ino} was removed in another region")
         if not outcome.ok:
             raise DataError(outcome.errno, f"CommitSlice of inode {ino} rejected")
         telemetry.slices_committed.add(1, telemetry.attrs())
@@ -930,7 +1001,7 @@ class DataPath:
         buf = self._buffers.get(of.ino)
         overlays = buf.snapshot(off, off + size) if buf is not None else []
         pend = self.pending(of.ino)
-        attr = self.state.getattr(of.ino)
+        attr = self.attr(of.ino)
         if attr is None:
             raise DataError(errno.ESTALE, f"inode {of.ino} is gone")
         file_size = max(attr.size, pend[0] if pend else 0, *(a + len(b) for a, b in overlays))
@@ -962,7 +1033,7 @@ class DataPath:
         for chunk in range(lo // cs, (hi - 1) // cs + 1):
             base = chunk * cs
             a, b = max(lo, base) - base, min(hi, base + cs) - base
-            refs = slices[chunk] if slices is not None else self.state.slices(ino, chunk)
+            refs = slices[chunk] if slices is not None else self._slices(ino, chunk)
             for ref, p, q in visible(refs, a, b):
                 bs = ref.block_size
                 pos = p - ref.offset

@@ -192,7 +192,10 @@ class TideOps(pyfuse3.Operations):
     def _attr(self, ino: int) -> Attr:
         attr = self.state.getattr(ino)
         if attr is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # Removed in another region while open here: its handles still stat it.
+            attr = self.data.kept(ino)
+            if attr is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
         return attr
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -329,6 +332,8 @@ class TideOps(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if self.data.kept(inode) is not None:
+            raise pyfuse3.FUSEError(errno.ESTALE)  # removed in another region: read-only here
         if fields.update_size:
             # Buffered writes precede the truncate: committing them first blocks.
             return await self._run(self._truncate, inode, attr, fields)

@@ -1,0 +1,85 @@
+"""A file removed in one region while open in another stays readable there until closed.
+
+Region a unlinks the file and, holding it open nowhere, reclaims it: every
+region's fold drops the inode (the fold cannot know who holds it open, and
+decides the same everywhere). Region b's mount kept what its open handle
+reads just before that, so reads and fstat through the handle go on; writes
+through it fail with ESTALE. Once b closes it, nothing of it is left.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import pytest
+
+from tests.harness.mount import TEST_BLOCK_SIZE, TEST_CHUNK_SIZE, MountFactory, TidefsMount
+from tidefs.fs.mount import sync_mount
+from tidefs.replica.state import State
+
+pytestmark = pytest.mark.fuse
+
+SIZE = TEST_CHUNK_SIZE + 5 * TEST_BLOCK_SIZE + 123  # two chunks, many blocks
+
+
+def content(size: int) -> bytes:
+    seed = b"0123456789abcdefghijklmnopqrstuvwxyz|"
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def sync(m: TidefsMount) -> None:
+    assert sync_mount(str(m.path), timeout=60.0) == 0, m.log_tail()
+
+
+def present_in_state(m: TidefsMount, ino: int) -> bool:
+    state = State.open(str(m.state_dir), read_only=True)
+    try:
+        return state.getattr(ino) is not None
+    finally:
+        state.close()
+
+
+def test_file_unlinked_in_a_stays_readable_in_b_until_closed(
+    mount_factory: MountFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    stores = tmp_path_factory.mktemp("stores")
+    a = mount_factory(
+        regions=[("a", (stores / "a").as_uri()), ("b", (stores / "b").as_uri())], region="a"
+    )
+    b = mount_factory(volume=a.volume, journal_url=a.journal_url, region="b")
+    data = content(SIZE)
+    (a.path / "f").write_bytes(data)
+    sync(b)
+
+    fd = os.open(b.path / "f", os.O_RDWR)
+    try:
+        ino = os.fstat(fd).st_ino
+        assert os.pread(fd, 100, 0) == data[:100]  # only the start is read (and cached)
+        os.unlink(a.path / "f")
+        # a reclaims it behind the unlink: wait until b's fold has dropped the inode.
+        deadline = time.monotonic() + 30
+        while present_in_state(b, ino):
+            assert time.monotonic() < deadline, "the inode was never reclaimed"
+            sync(b)
+            time.sleep(0.1)
+        assert not (b.path / "f").exists()
+
+        st = os.fstat(fd)
+        assert (st.st_size, st.st_nlink) == (SIZE, 0)
+        assert os.pread(fd, SIZE + 10, 0) == data
+        assert os.pread(fd, 1000, TEST_CHUNK_SIZE - 500) == data[TEST_CHUNK_SIZE - 500 :][:1000]
+        with pytest.raises(OSError) as written:
+            os.pwrite(fd, b"late", 0)
+        assert written.value.errno == errno.ESTALE
+        with pytest.raises(OSError) as truncated:
+            os.ftruncate(fd, 1)
+        assert truncated.value.errno == errno.ESTALE
+        assert os.pread(fd, SIZE, 0) == data
+    finally:
+        os.close(fd)
+    sync(a)
+    sync(b)
+    assert not (a.path / "f").exists()
+    assert os.listdir(b.path) == os.listdir(a.path) == []
