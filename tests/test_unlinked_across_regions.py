@@ -1,6 +1,6 @@
 """A file removed in one region while open in another stays readable there until closed.
 
-Region a unlinks the file and, holding it open nowhere, reclaims it: every
+On each journal (SQLite, Kafka). Region a unlinks the file and, holding it open nowhere, reclaims it: every
 region's fold drops the inode (the fold cannot know who holds it open, and
 decides the same everywhere). Region b's mount kept what its open handle
 reads just before that, so reads and fstat through the handle go on; writes
@@ -12,11 +12,14 @@ from __future__ import annotations
 import errno
 import os
 import time
+from pathlib import Path
 
 import pytest
 
 from tests.harness.mount import TEST_BLOCK_SIZE, TEST_CHUNK_SIZE, MountFactory, TidefsMount
 from tidefs.fs.mount import sync_mount
+from tidefs.fs.volume import format_volume
+from tidefs.journal.commands import Region
 from tidefs.replica.state import State
 
 pytestmark = pytest.mark.fuse
@@ -42,13 +45,17 @@ def present_in_state(m: TidefsMount, ino: int) -> bool:
 
 
 def test_file_unlinked_in_a_stays_readable_in_b_until_closed(
-    mount_factory: MountFactory, tmp_path_factory: pytest.TempPathFactory
+    mount_factory: MountFactory, journal_url: str, journal_volume: str, tmp_path: Path
 ) -> None:
-    stores = tmp_path_factory.mktemp("stores")
-    a = mount_factory(
-        regions=[("a", (stores / "a").as_uri()), ("b", (stores / "b").as_uri())], region="a"
+    format_volume(
+        journal_url,
+        journal_volume,
+        [Region(r, (tmp_path / f"store-{r}").as_uri()) for r in ("a", "b")],
+        "a",
+        chunk_size=TEST_CHUNK_SIZE,
+        block_size=TEST_BLOCK_SIZE,
     )
-    b = mount_factory(volume=a.volume, journal_url=a.journal_url, region="b")
+    a, b = (mount_factory(volume=journal_volume, journal_url=journal_url, region=r) for r in "ab")
     data = content(SIZE)
     (a.path / "f").write_bytes(data)
     sync(b)
