@@ -11,18 +11,31 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness.mount import TEST_BLOCK_SIZE, TEST_CHUNK_SIZE, MountFactory, TidefsMount
+from tidefs.fs.coherence import ObservedState
 from tidefs.fs.mount import sync_mount
 from tidefs.fs.volume import format_volume
-from tidefs.journal.commands import Region
+from tidefs.journal.commands import (
+    ROOT_INODE,
+    CommitSlice,
+    CreateVolume,
+    Envelope,
+    Mknod,
+    Noop,
+    Reclaim,
+    Region,
+    SliceRef,
+    Unlink,
+    inode_for_offset,
+)
+from tidefs.replica.keys import Attr
 from tidefs.replica.state import State
-
-pytestmark = pytest.mark.fuse
 
 SIZE = TEST_CHUNK_SIZE + 5 * TEST_BLOCK_SIZE + 123  # two chunks, many blocks
 
@@ -44,6 +57,7 @@ def present_in_state(m: TidefsMount, ino: int) -> bool:
         state.close()
 
 
+@pytest.mark.fuse
 def test_file_unlinked_in_a_stays_readable_in_b_until_closed(
     mount_factory: MountFactory, journal_url: str, journal_volume: str, tmp_path: Path
 ) -> None:
@@ -90,3 +104,58 @@ def test_file_unlinked_in_a_stays_readable_in_b_until_closed(
     sync(b)
     assert not (a.path / "f").exists()
     assert os.listdir(b.path) == os.listdir(a.path) == []
+
+
+class Recorder:
+    """A keeper that holds some inodes open and records what it is told."""
+
+    def __init__(self, state: State, held: set[int]) -> None:
+        self.state = state
+        self.held = held
+        self.kept: dict[int, tuple[Attr | None, dict[int, list[SliceRef]]]] = {}
+        self.changes: list[frozenset[int]] = []
+
+    def holds(self, ino: int) -> bool:
+        return ino in self.held
+
+    def keep(self, ino: int) -> None:
+        slices = {c: self.state.slices(ino, c) for c in self.state.chunks(ino)}
+        self.kept[ino] = (self.state.getattr(ino), slices)
+
+    def changed(self, inodes: frozenset[int]) -> None:
+        self.changes.append(inodes)
+
+
+def test_a_batch_is_cut_just_before_the_reclaim_of_an_inode_held_open(tmp_path: Path) -> None:
+    """The keeper sees the inode as the log left it right before its Reclaim, and the
+    state, outcomes and digest are those of folding the batch in one piece."""
+    t = 1_700_000_000_000_000_000
+    f = inode_for_offset(1)
+    first = SliceRef(1, 0, 10, 16, "a")
+    late = SliceRef(2, 10, 5, 16, "a")  # committed after the unlink, before the Reclaim
+    commands = [
+        CreateVolume("v", (Region("a", "file:///nowhere"),), "a", chunk_size=64, block_size=16),
+        Mknod(ROOT_INODE, b"f", stat.S_IFREG | 0o644, 0, 0, 0, True),
+        CommitSlice(f, 0, first),
+        Unlink(ROOT_INODE, b"f"),
+        CommitSlice(f, 0, late),
+        Reclaim(f),
+        Noop("after"),
+    ]
+    batch = [(i, Envelope(c, "a", t + i)) for i, c in enumerate(commands)]
+    whole = State.open(tmp_path / "whole")
+    cut = State.open(tmp_path / "cut")
+    try:
+        expected = whole.apply(batch)
+        recorder = Recorder(cut, {f})
+        result = ObservedState(cut, recorder).apply(batch)
+        assert result == expected
+        assert cut.applied_and_digest() == whole.applied_and_digest()
+        assert cut.getattr(f) is None
+        attr, slices = recorder.kept[f]
+        assert attr is not None and (attr.size, attr.nlink) == (15, 0)
+        assert slices == {0: [first, late]}
+        assert recorder.changes == [expected.changed_inodes]
+    finally:
+        whole.close()
+        cut.close()
