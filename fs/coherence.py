@@ -17,6 +17,14 @@ invalidates everything it changed: dropping an entry the kernel could have
 kept costs one lookup, keeping a stale one shows another region's file as it
 was.
 
+The same place hears of every fold of the mount before it happens, which is
+what a file removed elsewhere while open here needs: the fold drops the
+inode (it cannot know about this mount's handles, and must decide the same
+everywhere), so `ObservedState` cuts a batch just before each `Reclaim` of
+an inode held open here and lets the data path keep what those handles
+still read (see fs/data.py). After every batch it tells the data path which
+inodes changed, so that cached allocated sizes are forgotten.
+
 Notifications go out from a thread of their own: `invalidate_entry` blocks
 while the kernel runs a related request (a mkdir in the same directory,
 itself waiting for the fold), so the fold's thread only queues.
@@ -38,7 +46,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyfuse3
 import trio
@@ -49,6 +58,7 @@ from tidefs.journal.commands import (
     CompactChunk,
     Envelope,
     Outcome,
+    Reclaim,
     new_request_id,
 )
 from tidefs.replica.replica import ReplicaError, SubmitTimeout
@@ -358,6 +368,22 @@ def _no_abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
     return trio.lowlevel.Abort.FAILED
 
 
+class Keeper(Protocol):
+    """What the data path needs to hear of the folds (fs/data.py, `DataPath`)."""
+
+    def holds(self, ino: int) -> bool:
+        """Whether a handle of this mount has `ino` open."""
+        ...
+
+    def keep(self, ino: int) -> None:
+        """Snapshot what the open handles of `ino` read, before the fold drops it."""
+        ...
+
+    def changed(self, inodes: frozenset[int]) -> None:
+        """The fold changed these inodes."""
+        ...
+
+
 class ObservedState:
     """The state as the replica's folds see it: it remembers the last batch applied.
 
@@ -366,15 +392,53 @@ class ObservedState:
     replica's fold lock, and whichever applies calls the listeners right
     after `apply`, still holding that lock: so `last_batch` is the batch a
     listener is told about.
+
+    With a `keeper`, a batch that reclaims an inode the keeper holds open is
+    applied in parts, cut just before each such `Reclaim`, and the keeper
+    keeps the inode as the state has it then (module doc). The fold and the
+    state it leaves are the same as in one part.
     """
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, keeper: Keeper | None = None) -> None:
         self._state = state
+        self.keeper = keeper
         self.last_batch: Sequence[tuple[int, Envelope]] = ()
 
     def apply(self, batch: Sequence[tuple[int, Envelope]]) -> ApplyResult:
         self.last_batch = batch
-        return self._state.apply(batch)
+        keeper = self.keeper
+        if keeper is None:
+            return self._state.apply(batch)
+        cuts = [
+            i
+            for i, (_offset, env) in enumerate(batch)
+            if isinstance(env.command, Reclaim) and keeper.holds(env.command.inode)
+        ]
+        result = self._apply_cut(batch, cuts, keeper) if cuts else self._state.apply(batch)
+        keeper.changed(result.changed_inodes)
+        return result
+
+    def _apply_cut(
+        self, batch: Sequence[tuple[int, Envelope]], cuts: list[int], keeper: Keeper
+    ) -> ApplyResult:
+        """Apply `batch` in parts, keeping each reclaimed inode just before its Reclaim."""
+        parts: list[ApplyResult] = []
+        start = 0
+        for cut in cuts:
+            if cut > start:
+                parts.append(self._state.apply(batch[start:cut]))
+            start = cut
+            command = batch[cut][1].command
+            assert isinstance(command, Reclaim)
+            keeper.keep(command.inode)
+        parts.append(self._state.apply(batch[start:]))
+        return replace(
+            parts[-1],
+            outcomes=[o for p in parts for o in p.outcomes],
+            changed_inodes=frozenset().union(*(p.changed_inodes for p in parts)),
+            changed_entries=frozenset().union(*(p.changed_entries for p in parts)),
+            skipped=sum(p.skipped for p in parts),
+        )
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._state, name)

@@ -62,6 +62,25 @@ streaming through a file finds its next blocks already local. A read at any
 offset further away resets the window, so random access costs nothing extra.
 Concurrent requests for one block share a single fetch.
 
+Files removed while open here
+-----------------------------
+A file unlinked in another region while open in this mount is dropped by
+the fold here too when that region reclaims it: the fold cannot know about
+this mount's open files and stays the same everywhere. So just before the
+fold drops an inode that a handle of this mount holds open, the mount keeps
+its attributes and slice lists (`keep`, called from coherence.py), and reads
+and fstat through the open handles go on from that snapshot until the last
+of them is closed here. The blocks themselves stay in the stores for the
+volume's retention period. Writes through such a handle fail with ESTALE:
+nothing could ever commit them.
+
+Allocated size
+--------------
+`st_blocks` counts what slices hold (holes excluded), as du expects: the
+union of a file's slice ranges, clipped to its size, plus what is buffered.
+getattr is a hot path, so the committed part is cached per inode and
+forgotten whenever the fold changes that inode (`changed`).
+
 Compaction
 ----------
 Overwrites fragment a chunk into many slices, and every read then pays for
@@ -103,6 +122,7 @@ from tidefs.replica.store import FileStore
 if TYPE_CHECKING:
     from tidefs.journal.commands import Command
     from tidefs.replica.fetch import BlockFetcher
+    from tidefs.replica.keys import Attr
     from tidefs.replica.state import State
 
 log = logging.getLogger(__name__)
@@ -112,6 +132,9 @@ Submit = Callable[["Command", bytes], Outcome]
 
 UPLOAD_ATTEMPTS = 3
 """Tries of one block upload before the flush that needs it fails (EIO)."""
+
+ALLOCATED_CACHE_MAX = 1 << 16
+"""Inodes whose allocated size a mount remembers; past that the cache starts over."""
 
 
 class DataError(Exception):
@@ -272,6 +295,14 @@ class OpenFile:
     ra_window: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """An inode the fold dropped while this mount held it open: what its handles still read."""
+
+    attr: Attr
+    slices: dict[int, list[SliceRef]]
+
+
 # -- the read plan -----------------------------------------------------------
 
 
@@ -331,6 +362,18 @@ def _merge(intervals: list[tuple[int, int]], a: int, b: int) -> list[tuple[int, 
     if not placed:
         merged.append((a, b))
     return merged
+
+
+def covered_bytes(slices: Iterable[SliceRef], limit: int) -> int:
+    """Return how many bytes of [0, limit) of a chunk the slices cover together."""
+    total = 0
+    reach = 0
+    for start, end in sorted((s.offset, min(s.offset + s.length, limit)) for s in slices):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
 
 
 def coalesce(extents: list[Extent], block_size: int) -> list[Extent]:
@@ -524,6 +567,10 @@ class DataPath:
         self._compacting: set[tuple[int, int]] = set()
         self._candidates: dict[tuple[int, int], float] = {}
         self._closed = False
+        self._kept: dict[int, Kept] = {}
+        self._alloc_lock = threading.Lock()
+        self._allocated: dict[int, tuple[int, int]] = {}  # ino -> (size, bytes in slices)
+        self._alloc_epoch = 0
 
     # -- open files ----------------------------------------------------------
 
@@ -567,7 +614,100 @@ class DataPath:
                 buf = self._buffers.get(ino)
                 if left <= 0 and buf is not None and not buf.extents:
                     del self._buffers[ino]
+                if left <= 0:
+                    self._kept.pop(ino, None)
         return ino, left <= 0
+
+    # -- files removed while open here (module doc) -------------------------------
+
+    def holds(self, ino: int) -> bool:
+        """Whether the fold dropping `ino` must leave it readable here (a handle has it open)."""
+        return self.is_open(ino)
+
+    def keep(self, ino: int) -> None:
+        """Snapshot what the open handles of `ino` read, just before the fold drops it."""
+        attr = self.state.getattr(ino)
+        if attr is None or not attr.is_reg:
+            return
+        slices = {c: self.state.slices(ino, c) for c in self.state.chunks(ino)}
+        with self._lock:
+            if self._open_count.get(ino, 0) > 0:  # not closed meanwhile
+                self._kept[ino] = Kept(attr, slices)
+
+    def kept(self, ino: int) -> Attr | None:
+        """The attributes of an inode gone from the state but still open here, else None."""
+        k = self._kept.get(ino)
+        return None if k is None else k.attr
+
+    def attr(self, ino: int) -> Attr | None:
+        """The attributes of `ino`: from the state, or kept for the handles that hold it."""
+        attr = self.state.getattr(ino)
+        if attr is None:
+            return self.kept(ino)
+        return attr
+
+    def _slices(self, ino: int, chunk: int) -> list[SliceRef]:
+        k = self._kept.get(ino)
+        if k is not None:
+            return k.slices.get(chunk, [])
+        return self.state.slices(ino, chunk)
+
+    # -- allocated size (module doc) ------------------------------------------------
+
+    def changed(self, inodes: Iterable[int]) -> None:
+        """The fold changed these inodes: forget their allocated sizes (folding thread).
+
+        A kept inode that the fold did not drop after all (its Reclaim found
+        it linked) is the state's again.
+        """
+        with self._alloc_lock:
+            self._alloc_epoch += 1
+            for ino in inodes:
+                self._allocated.pop(ino, None)
+                if ino in self._kept and self.state.getattr(ino) is not None:
+                    self._kept.pop(ino, None)
+
+    def allocated(self, attr: Attr) -> int:
+        """Bytes of a regular file held by slices or buffered here (holes excluded).
+
+        Committed ranges are counted once and clipped to the size; buffered
+        bytes are added as they are (a rewrite may count twice until it
+        commits; the caller clips the sum to the size).
+        """
+        ino, size = attr.ino, attr.size
+        buf = self._buffers.get(ino)
+        buffered = buf.bytes if buf is not None else 0
+        if size <= 0:
+            return buffered
+        k = self._kept.get(ino)
+        if k is not None:
+            return self._count(k.slices.__getitem__, list(k.slices), size) + buffered
+        with self._alloc_lock:
+            hit = self._allocated.get(ino)
+            epoch = self._alloc_epoch
+        if hit is not None and hit[0] == size:
+            return hit[1] + buffered
+        # A file within one chunk (most files) needs no scan of its chunk keys.
+        chunks = [0] if size <= self.chunk_size else self.state.chunks(ino)
+        total = self._count(lambda c: self.state.slices(ino, c), chunks, size)
+        with self._alloc_lock:
+            # Stored only if no fold ran meanwhile: it may have changed this inode.
+            if self._alloc_epoch == epoch:
+                if len(self._allocated) >= ALLOCATED_CACHE_MAX:
+                    self._allocated.clear()
+                self._allocated[ino] = (size, total)
+        return total + buffered
+
+    def _count(
+        self, slices: Callable[[int], list[SliceRef]], chunks: Iterable[int], size: int
+    ) -> int:
+        cs = self.chunk_size
+        total = 0
+        for c in chunks:
+            limit = min(cs, size - c * cs)
+            if limit > 0:
+                total += covered_bytes(slices(c), limit)
+        return total
 
     # -- writing ---------------------------------------------------------------
 
@@ -581,6 +721,8 @@ class DataPath:
     def write(self, fh: int, off: int, data: bytes) -> int:
         """Buffer `data` at `off`; return len(data). Uploads and commits run behind."""
         ino = self.inode_of(fh)
+        if ino in self._kept:
+            raise DataError(errno.ESTALE, f"inode {ino} was removed in another region")
         buf = self._buffer(ino)
         view = memoryview(data)
         cs = self.chunk_size
@@ -794,6 +936,9 @@ class DataPath:
             home=self.region,
         )
         outcome = self._submit(CommitSlice(inode=ino, chunk_index=ext.chunk, slice=ref), ext)
+        if outcome.errno == errno.ENOENT:
+            # The file is open here, so it existed: another region removed it since.
+            raise DataError(errno.ESTALE, f"inode {ino} was removed in another region")
         if not outcome.ok:
             raise DataError(outcome.errno, f"CommitSlice of inode {ino} rejected")
         telemetry.slices_committed.add(1, telemetry.attrs())
@@ -856,7 +1001,7 @@ class DataPath:
         buf = self._buffers.get(of.ino)
         overlays = buf.snapshot(off, off + size) if buf is not None else []
         pend = self.pending(of.ino)
-        attr = self.state.getattr(of.ino)
+        attr = self.attr(of.ino)
         if attr is None:
             raise DataError(errno.ESTALE, f"inode {of.ino} is gone")
         file_size = max(attr.size, pend[0] if pend else 0, *(a + len(b) for a, b in overlays))
@@ -888,7 +1033,7 @@ class DataPath:
         for chunk in range(lo // cs, (hi - 1) // cs + 1):
             base = chunk * cs
             a, b = max(lo, base) - base, min(hi, base + cs) - base
-            refs = slices[chunk] if slices is not None else self.state.slices(ino, chunk)
+            refs = slices[chunk] if slices is not None else self._slices(ino, chunk)
             for ref, p, q in visible(refs, a, b):
                 bs = ref.block_size
                 pos = p - ref.offset

@@ -273,6 +273,7 @@ class Mount:
             compact_delay=cfg.compact_delay,
             write_through=vol.primary if cfg.write_through == "primary" else None,
         )
+        observed.keeper = self.data  # files removed elsewhere stay readable here (data.py)
         self.ops = TideOps(
             state=self.state,
             replica=self.replica,

@@ -192,7 +192,10 @@ class TideOps(pyfuse3.Operations):
     def _attr(self, ino: int) -> Attr:
         attr = self.state.getattr(ino)
         if attr is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            # Removed in another region while open here: its handles still stat it.
+            attr = self.data.kept(ino)
+            if attr is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
         return attr
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -208,14 +211,17 @@ class TideOps(pyfuse3.Operations):
         e.st_gid = attr.gid
         e.st_rdev = attr.rdev
         size, mtime, ctime = attr.size, attr.mtime_ns, attr.ctime_ns
-        pending = self.data.pending(attr.ino) if stat.S_ISREG(attr.mode) else None
+        regular = stat.S_ISREG(attr.mode)
+        pending = self.data.pending(attr.ino) if regular else None
         if pending is not None:
             size = max(size, pending[0])
             mtime = max(mtime, pending[1])
             ctime = max(ctime, pending[1])
         e.st_size = size
         e.st_blksize = STAT_BLKSIZE
-        e.st_blocks = (size + 511) // 512
+        # A regular file counts what its slices hold, holes excluded, as du expects.
+        used = min(self.data.allocated(attr), size) if regular else size
+        e.st_blocks = (used + 511) // 512
         e.st_atime_ns = attr.atime_ns
         e.st_mtime_ns = mtime
         e.st_ctime_ns = ctime
@@ -326,11 +332,18 @@ class TideOps(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if self.data.kept(inode) is not None:
+            raise pyfuse3.FUSEError(errno.ESTALE)  # removed in another region: read-only here
         if fields.update_size:
             # Buffered writes precede the truncate: committing them first blocks.
             return await self._run(self._truncate, inode, attr, fields)
         command = self._setattr_command(self._attr(inode), inode, attr, fields, None)
         if command != SetAttr(inode=inode):
+            if self.data.pending(inode) is not None:
+                # Writes made before this call must precede it in the log too: their
+                # commit stamps mtime, and a time set after a write (cp -p, tar, rsync
+                # -t, touch) must win over it, as on Linux.
+                await self._run(self.data.flush, inode)
             await self._submit_async(command)
         # else only ctime was asked for (the kernel's "touch ctime"): nothing to record.
         return self._entry_of(inode)

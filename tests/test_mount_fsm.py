@@ -20,7 +20,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 
 from tests.harness.mount import (
     RENAME_EXCHANGE,
@@ -142,6 +148,146 @@ def test_file_operations_state_machine(shared_mount: TidefsMount) -> None:
         settings=settings(
             max_examples=40,
             stateful_step_count=30,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+
+
+# -- times and data through open handles, against tmpfs ---------------------------------
+
+EXPLICIT_MAX_NS = 1_262_304_000 * 10**9  # 2010-01-01: every explicit time lies before it
+explicit_times = st.integers(315_532_800 * 10**9, EXPLICIT_MAX_NS - 1)  # 1980-2009, in ns
+FILES = ["f", "g"]
+HANDLES = 3
+
+
+def mtime_view(ns: int) -> int | str:
+    """An explicitly set mtime as it is; one set by the clock (a write, UTIME_NOW) as "now"."""
+    return ns if ns < EXPLICIT_MAX_NS else "now"
+
+
+class TimesAndHandles(RuleBasedStateMachine):
+    """Writes through open handles interleaved with utimens, futimens, fsync, close, remount.
+
+    tmpfs is the oracle: after each step both trees hold the same bytes and
+    the same mtimes, where a time set explicitly (in the past) must be equal
+    and a time set by the clock (a write, UTIME_NOW) is "now" on both.
+    """
+
+    mount: TidefsMount
+    counter = itertools.count()
+
+    def __init__(self) -> None:
+        super().__init__()
+        n = next(self.counter)
+        self.mine = self.mount.path / f"times{n}"
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self._oracle_dir = tempfile.TemporaryDirectory(prefix="tidefs-oracle-", dir=shm)
+        self.oracle = Path(self._oracle_dir.name) / f"times{n}"
+        self.mine.mkdir()
+        self.oracle.mkdir()
+        self.handles: list[tuple[int, int]] = []  # (fd in the mount, fd in the oracle)
+
+    def teardown(self) -> None:
+        self._close_all()
+        self._oracle_dir.cleanup()
+
+    def _close_all(self) -> None:
+        for mine, theirs in self.handles:
+            os.close(mine)
+            os.close(theirs)
+        self.handles.clear()
+
+    def both(self, op: Any) -> None:
+        assert outcome(lambda: op(self.mine)) == outcome(lambda: op(self.oracle))
+
+    @initialize()
+    def open_first(self) -> None:
+        self.open(FILES[0])
+
+    @rule(name=st.sampled_from(FILES))
+    def open(self, name: str) -> None:
+        if len(self.handles) >= HANDLES:
+            return
+        flags = os.O_RDWR | os.O_CREAT
+        self.handles.append((os.open(self.mine / name, flags), os.open(self.oracle / name, flags)))
+
+    @rule(h=st.integers(0, HANDLES - 1), off=offsets, buf=st.binary(min_size=1, max_size=200))
+    def write(self, h: int, off: int, buf: bytes) -> None:
+        if self.handles:
+            for fd in self.handles[h % len(self.handles)]:
+                assert os.pwrite(fd, buf, off) == len(buf)
+
+    @rule(h=st.integers(0, HANDLES - 1), t=explicit_times)
+    def futimens(self, h: int, t: int) -> None:
+        if self.handles:
+            for fd in self.handles[h % len(self.handles)]:
+                os.utime(fd, ns=(t, t))
+
+    @rule(name=st.sampled_from(FILES), t=st.one_of(explicit_times, st.none()))
+    def utimens(self, name: str, t: int | None) -> None:
+        self.both(lambda b: os.utime(b / name) if t is None else os.utime(b / name, ns=(t, t)))
+
+    @rule(h=st.integers(0, HANDLES - 1), size=offsets)
+    def ftruncate(self, h: int, size: int) -> None:
+        if self.handles:
+            pair = self.handles[h % len(self.handles)]
+            if os.fstat(pair[1]).st_size == size:
+                return  # tmpfs marks mtime even then, tidefs only on a change of size
+            for fd in pair:
+                os.ftruncate(fd, size)
+
+    @rule(h=st.integers(0, HANDLES - 1))
+    def fsync(self, h: int) -> None:
+        if self.handles:
+            os.fsync(self.handles[h % len(self.handles)][0])
+
+    @rule(h=st.integers(0, HANDLES - 1))
+    def close(self, h: int) -> None:
+        if self.handles:
+            for fd in self.handles.pop(h % len(self.handles)):
+                os.close(fd)
+
+    @rule(now=st.integers(0, 3))
+    def remount(self, now: int) -> None:
+        if now == 0:  # a remount costs a second or two: one draw in four does it
+            self._close_all()
+            self.mount.remount()
+
+    def _held(self, name: str) -> tuple[int, int] | None:
+        """A handle open on `name`: reading through it flushes nothing (a close would)."""
+        for pair in self.handles:
+            if os.stat(self.mine / name).st_ino == os.fstat(pair[0]).st_ino:
+                return pair
+        return None
+
+    @invariant()
+    def same_bytes_and_times(self) -> None:
+        for name in FILES:
+            if not (self.oracle / name).exists():
+                assert not (self.mine / name).exists()
+                continue
+            held = self._held(name)
+            views = []
+            for i, b in enumerate((self.mine, self.oracle)):
+                when = mtime_view(os.stat(b / name).st_mtime_ns)
+                if held is not None:
+                    data = os.pread(held[i], 1 << 16, 0)
+                else:
+                    data = (b / name).read_bytes()
+                views.append((data, when))
+            assert views[0] == views[1], name
+
+
+def test_times_and_handles_state_machine(tidefs_mount: TidefsMount) -> None:
+    TimesAndHandles.mount = tidefs_mount
+    run_state_machine_as_test(
+        TimesAndHandles,
+        settings=settings(
+            max_examples=25,
+            stateful_step_count=20,
             deadline=None,
             database=None,
             suppress_health_check=[HealthCheck.too_slow],
