@@ -11,12 +11,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
 
+from tests.harness.kafka import KafkaBroker
 from tests.harness.mount import fuse_available
-from tidefs.fs.mount import default_state_dir
+from tidefs.fs import volume
+from tidefs.fs.mount import MountError, default_cache_dir, default_dirs, default_state_dir
+from tidefs.journal import codec
+from tidefs.journal.commands import Envelope, Mkdir, Region
+from tidefs.journal.log import open_log
+from tidefs.replica.replica import fold_range
+from tidefs.replica.state import State
 
 pytestmark = pytest.mark.fuse
 
@@ -226,3 +236,42 @@ def test_a_failed_format_removes_the_store_dirs_it_created(tmp_path: Path) -> No
     )
     assert proc.returncode == 1 and "already exists" in proc.stderr
     assert (tmp_path / "s3").is_dir()
+
+
+@pytest.mark.kafka
+def test_a_trimmed_log_keeps_its_default_dir(
+    kafka_broker: KafkaBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once record 0 is deleted, the default directory is found by the state it holds."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    name = f"trim-{uuid.uuid4().hex[:8]}"
+    # A state of another volume of that name, in a directory the scan will look at.
+    other = f"sqlite:///{tmp_path}/other.db"
+    volume.format_volume(other, name, [Region("a", (tmp_path / "s0").as_uri())], "a")
+    os.makedirs(default_state_dir(name, "a", "0" * 16))
+    with open_log(other, name) as lg, State.open(default_state_dir(name, "a", "0" * 16)) as st:
+        fold_range(lg, st)
+
+    volume.format_volume(kafka_broker.url, name, [Region("a", (tmp_path / "s").as_uri())], "a")
+    with open_log(kafka_broker.url, name) as lg:
+        for i in range(4):
+            cmd = Mkdir(parent=1, name=f"d{i}".encode(), mode=0o40755, uid=0, gid=0)
+            lg.append(codec.encode(Envelope(command=cmd, origin="a", timestamp_ns=i + 1)))
+        state_dir, cache_dir = default_dirs(lg, name, "a")
+        identity = volume.volume_identity(lg)
+        assert identity is not None
+        assert state_dir == default_state_dir(name, "a", identity)
+        assert cache_dir == default_cache_dir(name, "a", identity)
+        os.makedirs(state_dir)
+        with State.open(state_dir) as st:
+            fold_range(lg, st)
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
+    futures = admin.delete_records([TopicPartition(f"tidefs.{name}.log", 0, 3)])
+    for future in futures.values():
+        future.result(timeout=30)
+    with open_log(kafka_broker.url, name) as lg:
+        assert lg.start() == 3 and volume.volume_identity(lg) is None
+        assert default_dirs(lg, name, "a") == (state_dir, cache_dir)
+        with pytest.raises(MountError, match="give --state-dir and --cache-dir"):
+            default_dirs(lg, name, "b")
