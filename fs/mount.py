@@ -863,9 +863,9 @@ def _exec_daemon(cfg: MountConfig, notify: list[int]) -> None:
     os.lseek(fd, 0, os.SEEK_SET)
     for inherited in (fd, *notify):
         os.set_inheritable(inherited, True)
-    argv = [sys.executable, "-m", "tidefs.fs.mount", cfg.volume, cfg.mountpoint]
-    argv += ["--journal", redact_url(cfg.journal_url), "--region", cfg.region]
-    os.execv(sys.executable, [*argv, "--config-fd", str(fd)])
+    argv = [sys.executable, "-m", "tidefs.fs.mount", f"--journal={redact_url(cfg.journal_url)}"]
+    argv += [f"--region={cfg.region}", f"--config-fd={fd}", "--", cfg.volume, cfg.mountpoint]
+    os.execv(sys.executable, argv)
 
 
 def _serve_daemon(fd: int) -> int:
