@@ -619,7 +619,7 @@ class DeferredStore(BlockStore):
                     self._failed = True
                     raise
                 if self._failed:
-                    log.warning("block store %s is reachable now", self.url)
+                    log.warning("block store %s is reachable now", redact_url(self.url))
             return self._store
 
     @property
@@ -671,7 +671,7 @@ def open_region_store(url: str, **options: Any) -> BlockStore:
     except StoreConfigError:
         raise
     except StoreError as exc:
-        log.warning("block store %s is not reachable (%s); will retry on use", url, exc)
+        log.warning("block store %s is not reachable (%s); will retry on use", redact_url(url), exc)
         store = DeferredStore(url, **options)
         store._failed = True
         return store
