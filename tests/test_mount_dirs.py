@@ -8,6 +8,7 @@ directories (and the journal file) it created, and says why in one line.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -275,3 +276,19 @@ def test_a_trimmed_log_keeps_its_default_dir(
         assert default_dirs(lg, name, "a") == (state_dir, cache_dir)
         with pytest.raises(MountError, match="give --state-dir and --cache-dir"):
             default_dirs(lg, name, "b")
+
+
+def test_replicate_keys_its_default_state_by_the_volume(tmp_path: Path) -> None:
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    journal = f"sqlite:///{tmp_path}/log.db"
+    format_volume(journal, tmp_path / "store")
+    proc = run("log", "data", "--journal", journal, "--json", "--limit", "1")
+    identity = json.loads(proc.stdout)["request_id"][:16]
+    proc = run("replicate", "data", "--journal", journal, "--region", "a", "--once",
+               "--timeout", "30", env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(tmp_path / "data" / "tidefs") == [f"data@{identity}"]
+    assert (tmp_path / "data" / "tidefs" / f"data@{identity}" / "a.replicate").is_dir()
+    proc = run("replicate", "nosuch", "--journal", journal, "--region", "a", "--once", env=env)
+    assert proc.returncode == 1
+    assert "volume 'nosuch' does not exist" in proc.stderr
