@@ -243,7 +243,7 @@ class SqliteLog(Log):
             raise JournalConfigError(f"not a sqlite journal URL: {shown!r}")
         if parts.netloc:
             raise JournalConfigError(
-                f"sqlite journal URL {shown!r} names a host ({parts.netloc!r}); "
+                f"sqlite journal URL {shown!r} names a host ({urlsplit(shown).netloc!r}); "
                 "use three slashes: sqlite:///path/log.db"
             )
         if parts.fragment:

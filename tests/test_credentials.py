@@ -105,6 +105,7 @@ def test_secrets_never_reach_error_messages(tmp_path: Path) -> None:
         ("log", "v", "--journal", f"kafka://u:{SECRET}@127.0.0.1:9"),
         ("log", "v", "--journal", f"sqlite:///{tmp_path}/x.db?sasl.password={SECRET}"),
         ("log", "v", "--journal", f"nosuch://u:{SECRET}@h/x"),
+        ("log", "v", "--journal", f"sqlite://u:{SECRET}@h/x.db"),
     ]  # fmt: skip
     for args in cases:
         proc = run(*args)
