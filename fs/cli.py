@@ -147,23 +147,13 @@ def open_volume_log(journal_url: str, volume: str) -> Log:
     one, nor create what it looks for: a SQLite journal file that does not
     exist is not created, and a missing Kafka topic is not created either.
     """
-    from urllib.parse import unquote, urlsplit
-
     from tidefs.journal.log import LogMissing, open_log
 
-    parts = urlsplit(journal_url)
-    options: dict[str, object] = {}
-    if parts.scheme == "sqlite" and parts.path and not parts.netloc:
-        path = "/" + unquote(parts.path).lstrip("/")
-        if not os.path.exists(path):
-            raise CliError(f"no volume {volume!r}: the journal file {path} does not exist")
-    elif parts.scheme == "kafka":
-        options["create"] = False
     try:
-        lg = open_log(journal_url, volume, **options)
+        lg = open_log(journal_url, volume, create=False)
     except LogMissing as exc:
         raise CliError(
-            f"no volume {volume!r} in this journal (no log; tidefs format makes one)"
+            f"no volume {volume!r} in this journal ({exc}; tidefs format makes one)"
         ) from exc
     try:
         if lg.head() == 0:
@@ -326,10 +316,20 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_replicate(args: argparse.Namespace) -> int:
-    from tidefs.fs.mount import default_state_dir
+    from tidefs.fs.mount import MountError, default_dirs
+    from tidefs.journal.log import LogMissing, open_log
     from tidefs.replica.replicator import run_replicator
 
-    state_dir = args.state_dir or default_state_dir(args.volume, args.region) + ".replicate"
+    state_dir = args.state_dir
+    if not state_dir:
+        # The default is keyed by the volume's identity, which its log's first record holds.
+        try:
+            with open_log(args.journal, args.volume, create=False) as lg:
+                state_dir = default_dirs(lg, args.volume, args.region, suffix=".replicate")[0]
+        except LogMissing as exc:
+            raise CliError(f"volume {args.volume!r} does not exist") from exc
+        except MountError as exc:
+            raise CliError(str(exc)) from exc
     metrics_host, metrics_port = _metrics_where(args)
     return run_replicator(
         args.volume,
@@ -496,6 +496,12 @@ def build_parser() -> argparse.ArgumentParser:
             required=True,
             metavar="URL",
             help="the metadata log: sqlite:///path/log.db or kafka://host:port[,host:port]",
+        )
+        sp.add_argument(
+            "--kafka-config",
+            metavar="FILE",
+            help="librdkafka settings, e.g. SASL credentials (mode 600; default "
+            "$TIDEFS_KAFKA_CONFIG); TIDEFS_KAFKA_<SETTING> variables override it",
         )
 
     sp = sub.add_parser("format", help="create a volume: its regions, stores and layout")
@@ -716,6 +722,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="tidefs: %(levelname)s %(name)s: %(message)s",
     )
+    from tidefs.journal.log import KAFKA_CONFIG_ENV, redact_url
+
+    if getattr(args, "kafka_config", None):
+        # Through the environment, every log this command opens (and a mount's daemon) sees it.
+        os.environ[KAFKA_CONFIG_ENV] = os.path.abspath(args.kafka_config)
     try:
         code = int(args.func(args))
         sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's last flush
@@ -736,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return 128 + signal.SIGPIPE
     except _error_types() as exc:
-        print(f"tidefs {args.command}: {exc}", file=sys.stderr)
+        print(f"tidefs {args.command}: {redact_url(str(exc))}", file=sys.stderr)
         return 1
 
 

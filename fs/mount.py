@@ -11,7 +11,15 @@ Without `foreground` the process forks first, before anything is opened (no
 threads, locks or connections cross a fork), and the parent waits on a pipe
 until the child reports "ready" — the kernel mount exists and the loop is
 about to serve — or an error line, and exits 0 or 1 accordingly. So a script
-that runs `tidefs mount` can use the mount point on the next line.
+that runs `tidefs mount` can use the mount point on the next line. The child
+execs a fresh `python -m tidefs.fs.mount` that reads its configuration from
+an inherited memory file: its command line, which `ps` shows to every user
+for as long as the mount lives, carries the journal URL with its secrets
+redacted; the secrets reach it through that file and the environment.
+
+A mount that fails leaves nothing behind that it made: the state and cache
+directories it created (with their parents) are removed again, and it never
+creates a journal (`create=false`: a volume must be formatted first).
 
 Shutdown (SIGINT, SIGTERM, `umount`, or `fusermount3 -u`) flushes every write
 buffer to the store and the log before the kernel mount goes away, which is
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import glob
 import hashlib
@@ -30,6 +39,7 @@ import logging
 import os
 import re
 import select
+import shutil
 import signal
 import stat
 import subprocess
@@ -42,6 +52,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from tidefs import private, telemetry
+from tidefs.journal.log import KAFKA_CONFIG_ENV, redact_url
 
 if TYPE_CHECKING:
     from tidefs.fs.coherence import Invalidator, OwnRequests
@@ -77,7 +88,11 @@ class MountError(Exception):
 
 @dataclass(frozen=True)
 class MountConfig:
-    """Everything a mount needs, resolved (default directories filled in)."""
+    """Everything a mount needs, resolved (default directories filled in by `resolve_dirs`).
+
+    An empty `state_dir` or `cache_dir` asks for the default, which depends on
+    the volume's identity and so is known only once its log is read.
+    """
 
     volume: str
     mountpoint: str
@@ -110,14 +125,149 @@ def _xdg(var: str, fallback: str) -> str:
     return base if base else os.path.join(os.path.expanduser("~"), fallback)
 
 
-def default_state_dir(volume: str, region: str) -> str:
-    """Where a region's state of a volume lives unless told: $XDG_DATA_HOME/tidefs/VOL/REGION."""
-    return os.path.join(_xdg("XDG_DATA_HOME", ".local/share"), "tidefs", volume, region)
+def _volume_part(volume: str, identity: str | None) -> str:
+    return volume if identity is None else f"{volume}@{identity}"
 
 
-def default_cache_dir(volume: str, region: str) -> str:
-    """Where the block cache lives unless told: $XDG_CACHE_HOME/tidefs/VOL/REGION."""
-    return os.path.join(_xdg("XDG_CACHE_HOME", ".cache"), "tidefs", volume, region)
+def default_state_dir(volume: str, region: str, identity: str | None = None) -> str:
+    """Where a region's state of a volume lives unless told: $XDG_DATA_HOME/tidefs/VOL@ID/REGION.
+
+    ID is the volume's identity (`volume_identity`), so that two volumes of
+    one name never share a state. Without it, the name-only path that older
+    versions used (`default_dirs` still uses one that holds this volume).
+    """
+    base = _xdg("XDG_DATA_HOME", ".local/share")
+    return os.path.join(base, "tidefs", _volume_part(volume, identity), region)
+
+
+def default_cache_dir(volume: str, region: str, identity: str | None = None) -> str:
+    """Where the block cache lives unless told: $XDG_CACHE_HOME/tidefs/VOL@ID/REGION."""
+    base = _xdg("XDG_CACHE_HOME", ".cache")
+    return os.path.join(base, "tidefs", _volume_part(volume, identity), region)
+
+
+def holds_volume_state(path: str, log_: Log, volume: str) -> bool:
+    """Whether the state directory `path` holds a state of the very volume whose log is `log_`.
+
+    The state must name the volume, and the record the log holds at the
+    state's applied offset must be one the state folded (its request id has
+    an outcome there): a state of another volume of the same name, folded
+    from another log, fails that test (request ids are random 122-bit values).
+    """
+    from tidefs.journal import codec
+    from tidefs.journal.log import JournalError
+    from tidefs.replica.state import State, StateError
+
+    if not os.path.isfile(os.path.join(path, "CURRENT")):
+        return False
+    try:
+        state = State.open(path, read_only=True)
+    except StateError:
+        return False
+    try:
+        vol = state.volume()
+        applied = state.applied_offset()
+        if vol is None or vol.name != volume or applied < log_.start():
+            return False
+        records = log_.read(applied, max_records=1)
+        if not records or records[0].offset != applied:
+            return False
+        return state.outcome(codec.decode(records[0].payload).request_id) is not None
+    except (JournalError, StateError):
+        return False
+    finally:
+        state.close()
+
+
+def default_dirs(log_: Log, volume: str, region: str, *, suffix: str = "") -> tuple[str, str]:
+    """Return the default (state, cache) directories of `region` of the volume of `log_`.
+
+    They are keyed by the volume's identity. A directory of the name-only
+    layout of older versions stays in use when it holds this volume's state
+    (`holds_volume_state`); one that holds another volume's is left alone.
+    `suffix` names the state of another process than a mount (`.replicate`).
+    Raises MountError when the log was trimmed and so no longer tells the
+    volume's identity.
+    """
+    from tidefs.fs.volume import volume_identity
+
+    legacy = default_state_dir(volume, region) + suffix
+    if holds_volume_state(legacy, log_, volume):
+        return legacy, default_cache_dir(volume, region)
+    identity = volume_identity(log_)
+    if identity is None:
+        # Trimmed: a state made before the trim is still found by what it holds.
+        home = os.path.dirname(os.path.dirname(legacy))
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(home)):
+                found = name.removeprefix(f"{volume}@")
+                path = default_state_dir(volume, region, found) + suffix
+                if found != name and holds_volume_state(path, log_, volume):
+                    return path, default_cache_dir(volume, region, found)
+        raise MountError(
+            f"the log of volume {volume!r} no longer starts with its CreateVolume record, "
+            "which names the default directories: give --state-dir and --cache-dir"
+        )
+    return (
+        default_state_dir(volume, region, identity) + suffix,
+        default_cache_dir(volume, region, identity),
+    )
+
+
+def resolve_dirs(cfg: MountConfig) -> MountConfig:
+    """Fill in the default state and cache directories (which need the volume's log)."""
+    from tidefs.journal.log import JournalError, LogMissing, open_log
+
+    if cfg.state_dir and cfg.cache_dir:
+        return cfg
+    shown = redact_url(cfg.journal_url)
+    try:
+        with open_log(cfg.journal_url, cfg.volume, create=False) as lg:
+            state_dir, cache_dir = default_dirs(lg, cfg.volume, cfg.region)
+    except LogMissing as exc:
+        raise MountError(f"volume {cfg.volume!r} does not exist in {shown}") from exc
+    except JournalError as exc:
+        raise MountError(f"journal {shown} is not usable: {redact_url(str(exc))}") from exc
+    return dataclasses.replace(
+        cfg, state_dir=cfg.state_dir or state_dir, cache_dir=cfg.cache_dir or cache_dir
+    )
+
+
+def check_dirs(cfg: MountConfig) -> None:
+    """Refuse a state or cache directory that is a file or cannot be created, in one line."""
+    for what, path in (("state directory", cfg.state_dir), ("cache directory", cfg.cache_dir)):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise MountError(f"{what} {path} exists and is not a directory")
+        parent = path
+        while not os.path.lexists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise MountError(f"{what} {path} cannot be created: {parent} is not a directory")
+        if parent != path and not os.access(parent, os.W_OK | os.X_OK):
+            raise MountError(f"{what} {path} cannot be created: {parent} is not writable")
+
+
+def _empty_out(path: str) -> None:
+    """Remove what is in the directory `path` (which was empty before this mount)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost directory that creating `path` makes, None if `path` exists."""
+    top = None
+    while not os.path.lexists(path):
+        top = path
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return top
 
 
 def canonical_mountpoint(path: str) -> str:
@@ -198,17 +348,21 @@ class Mount:
         from tidefs.fs.coherence import Invalidator, ObservedState, OwnRequests
         from tidefs.fs.data import DataPath
         from tidefs.fs.ops import TideOps
-        from tidefs.journal.log import JournalError, open_log
+        from tidefs.journal.log import JournalError, LogMissing, open_log
         from tidefs.replica.fetch import BlockFetcher, open_region_stores
         from tidefs.replica.replica import Replica, fold_range
         from tidefs.replica.state import State, StateError, StateLockedError
 
         cfg = self.cfg
+        shown = redact_url(cfg.journal_url)
         try:
-            self.log = open_log(cfg.journal_url, cfg.volume)
+            # Never create a log: a volume is formatted first, and a typo must leave no file.
+            self.log = open_log(cfg.journal_url, cfg.volume, create=False)
             self.log.head()
+        except LogMissing as exc:
+            raise MountError(f"volume {cfg.volume!r} does not exist in {shown}") from exc
         except JournalError as exc:
-            raise MountError(f"journal {cfg.journal_url} is not usable: {exc}") from exc
+            raise MountError(f"journal {shown} is not usable: {exc}") from exc
         from tidefs.replica.snapshot import SnapshotError, bootstrap_state
 
         try:
@@ -234,7 +388,7 @@ class Mount:
             raise MountError(f"cannot read the log of {cfg.volume!r}: {exc}") from exc
         vol = self.state.volume()
         if vol is None:
-            raise MountError(f"volume {cfg.volume!r} does not exist in {cfg.journal_url}")
+            raise MountError(f"volume {cfg.volume!r} does not exist in {shown}")
         local = vol.region(cfg.region)
         if local is None:
             names = ", ".join(r.name for r in vol.regions)
@@ -247,7 +401,7 @@ class Mount:
             self.stores = open_region_stores(vol, timeout=cfg.store_timeout)
             self.stores[cfg.region].exists("blocks/00/0000000000000000/00000")
         except Exception as exc:
-            raise MountError(f"block store {local_url} is not usable: {exc}") from exc
+            raise MountError(f"block store {redact_url(local_url)} is not usable: {exc}") from exc
         self.fetcher = BlockFetcher(cfg.region, self.stores, timeout=cfg.store_timeout)
 
         # The replica folds through ObservedState so that the invalidator can
@@ -570,20 +724,27 @@ def _serve(
     *,
     echo_errors: bool,
     warn_fd: int | None = None,
+    detach: bool = False,
 ) -> int:
     """Open, mount and serve in this process; return the exit code.
 
     Warnings go to the log, and to stderr (`echo_errors`) or as "warning ..."
     lines to `warn_fd` (the daemon's pipe, whose reader prints them).
+    `detach` (the daemon) points stdio at /dev/null and logging at the state
+    directory's mount.log once that directory is known.
     """
     import trio
 
+    from tidefs.replica.state import StateLockedError
+
     def report_error(message: str) -> None:
-        log.error("%s", message)
-        for fd in notify_fds:
-            _write_all(fd, f"error {message}\n".encode())
+        message = redact_url(message)
         if echo_errors:
             print(f"tidefs mount: {message}", file=sys.stderr)
+        else:
+            log.error("%s", message)
+        for fd in notify_fds:
+            _write_all(fd, f"error {message}\n".encode())
 
     def stop_early(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
@@ -591,9 +752,22 @@ def _serve(
     # Until the loop's own signal receiver takes over: leave through `finally`.
     signal.signal(signal.SIGTERM, stop_early)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
+    try:
+        cfg = resolve_dirs(cfg)
+        check_dirs(cfg)
+    except MountError as exc:
+        report_error(str(exc))
+        return 1
+    # What this mount creates, a failed start removes again (never what existed).
+    made = (cfg.state_dir, cfg.state_dir + ".replicator", cfg.cache_dir)
+    created = [d for d in map(_first_missing, made) if d is not None]
+    emptied = [d for d in made if os.path.isdir(d) and not os.listdir(d)]
     m = Mount(cfg)
+    failed = False
     try:
         try:
+            if detach:
+                _detach_stdio(cfg)
             m.open()
             for message in m.warnings:
                 log.warning("%s", message)
@@ -603,9 +777,12 @@ def _serve(
                     _write_all(warn_fd, f"warning {message}\n".encode())
             m.mount()
         except MountError as exc:
+            # A state locked by another mount is that mount's: never remove it.
+            failed = not isinstance(exc.__cause__, StateLockedError)
             report_error(str(exc))
             return 1
         except Exception as exc:  # an unexpected failure still gets its one line
+            failed = True
             log.exception("mount failed")
             report_error(f"{type(exc).__name__}: {exc}")
             return 1
@@ -622,6 +799,11 @@ def _serve(
     finally:
         m.close()
         _remove_record(cfg)
+        if failed:
+            for path in created:
+                shutil.rmtree(path, ignore_errors=True)
+            for path in emptied:
+                _empty_out(path)
 
 
 def run_mount(
@@ -675,8 +857,8 @@ def run_mount(
         mountpoint=canonical_mountpoint(mountpoint),
         journal_url=journal_url,
         region=region,
-        state_dir=os.path.abspath(state_dir or default_state_dir(volume, region)),
-        cache_dir=os.path.abspath(cache_dir or default_cache_dir(volume, region)),
+        state_dir=os.path.abspath(state_dir) if state_dir else "",
+        cache_dir=os.path.abspath(cache_dir) if cache_dir else "",
         cache_size=cache_size,
         replicate=replicate,
         max_staleness=max_staleness,
@@ -713,19 +895,17 @@ def _daemonize(cfg: MountConfig, notify: list[int]) -> int:
     sys.stderr.flush()
     r, w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # first child: become a session leader, fork again, and go
-        code = 1
+    if pid == 0:  # first child: become a session leader, fork again, and exec the daemon
         try:
             os.close(r)
             os.setsid()
             if os.fork() > 0:
                 os._exit(0)
-            _detach_stdio(cfg)
-            code = _serve(cfg, [w, *notify], echo_errors=False, warn_fd=w)
-        except BaseException:
-            log.exception("mount daemon failed")
+            _exec_daemon(cfg, [w, *notify])
+        except BaseException as exc:
+            _write_all(w, f"error cannot start the mount daemon: {exc}\n".encode())
         finally:
-            os._exit(code)
+            os._exit(1)
     os.close(w)
     os.waitpid(pid, 0)
     line = _await_ready(r)
@@ -738,6 +918,44 @@ def _daemonize(cfg: MountConfig, notify: list[int]) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _exec_daemon(cfg: MountConfig, notify: list[int]) -> None:
+    """Replace this process by `python -m tidefs.fs.mount` serving `cfg`; never returns.
+
+    The configuration travels in a memory file the new process inherits, not
+    on its command line: `ps` shows a command line to every local user, so
+    it carries only what identifies the mount, the journal URL redacted.
+    """
+    payload = {
+        "config": dataclasses.asdict(cfg),
+        "notify": notify,
+        "log_level": logging.getLogger().level,
+    }
+    fd = os.memfd_create("tidefs-mount-config", 0)
+    _write_all(fd, json.dumps(payload).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    for inherited in (fd, *notify):
+        os.set_inheritable(inherited, True)
+    argv = [sys.executable, "-m", "tidefs.fs.mount", f"--journal={redact_url(cfg.journal_url)}"]
+    argv += [f"--region={cfg.region}", f"--config-fd={fd}", "--", cfg.volume, cfg.mountpoint]
+    os.execv(sys.executable, argv)
+
+
+def _serve_daemon(fd: int) -> int:
+    """Serve the mount whose configuration `_exec_daemon` left in `fd` (the daemon's main)."""
+    # Nothing of the daemon's reaches the terminal of `tidefs mount`: its errors go
+    # through the notify pipe (one line), its log to mount.log once the state is known.
+    null = os.open(os.devnull, os.O_RDWR)
+    for std in (0, 1, 2):
+        os.dup2(null, std)
+    os.close(null)
+    with os.fdopen(fd, "rb") as f:
+        payload = json.load(f)
+    logging.getLogger().setLevel(int(payload.get("log_level") or logging.NOTSET))
+    cfg = MountConfig(**payload["config"])
+    notify = [int(n) for n in payload["notify"]]
+    return _serve(cfg, notify, echo_errors=False, warn_fd=notify[0], detach=True)
 
 
 def _await_ready(fd: int) -> bytes:
@@ -937,6 +1155,7 @@ def _write_record(cfg: MountConfig) -> None:
         "journal_url": cfg.journal_url,
         "region": cfg.region,
         "state_dir": cfg.state_dir,
+        "kafka_config": os.environ.get(KAFKA_CONFIG_ENV),
     }
     try:
         path = _record_path(cfg.mountpoint)
@@ -1121,11 +1340,17 @@ def sync_mount(mountpoint: str, *, timeout: float = 60.0, data: bool = False) ->
     if record is None:
         print(f"tidefs sync: {mountpoint} is not a live tidefs mount", file=sys.stderr)
         return 1
+    if record.get("kafka_config") and KAFKA_CONFIG_ENV not in os.environ:
+        # The mount's Kafka settings file (the environment of this call wins, as for the mount).
+        os.environ[KAFKA_CONFIG_ENV] = str(record["kafka_config"])
     try:
         with open_log(record["journal_url"], record["volume"]) as lg:
             target = lg.head() - 1
     except JournalError as exc:
-        print(f"tidefs sync: journal {record['journal_url']} is not usable: {exc}", file=sys.stderr)
+        shown = redact_url(record["journal_url"])
+        print(
+            f"tidefs sync: journal {shown} is not usable: {redact_url(str(exc))}", file=sys.stderr
+        )
         return 1
     deadline = time.monotonic() + timeout
     applied = -1
@@ -1290,12 +1515,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--write-through", choices=WRITE_THROUGH_CHOICES)
     p.add_argument("--store-timeout", type=float, default=5.0)
     p.add_argument("--umount", action="store_true", help="unmount MOUNTPOINT instead")
+    p.add_argument("--kafka-config", metavar="FILE", help="librdkafka settings (secrets), mode 600")
+    p.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="tidefs: %(levelname)s %(name)s: %(message)s",
     )
+    if args.config_fd is not None:  # the daemon that `tidefs mount` started
+        return _serve_daemon(args.config_fd)
+    if args.kafka_config:
+        os.environ[KAFKA_CONFIG_ENV] = os.path.abspath(args.kafka_config)
     if args.umount:
         return umount(args.mountpoint)
     if args.metrics_addr is not None and args.metrics_port is not None:

@@ -13,12 +13,15 @@ that a typo in a store URL fails here, not at the first write of some mount.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from urllib.parse import unquote, urlsplit
 
 from tidefs.journal import codec
 from tidefs.journal.commands import CreateVolume, Envelope, Region
-from tidefs.journal.log import open_log
+from tidefs.journal.log import Log, open_log, redact_url
 from tidefs.replica.blocks import MAX_BLOCK_SIZE
 
 DEFAULT_CHUNK_SIZE = 64 << 20
@@ -71,7 +74,39 @@ def probe_store(url: str) -> None:
         store = open_store(url)
         store.exists("blocks/00/0000000000000000/00000")
     except Exception as exc:  # any failure means "unusable store", said once
-        raise VolumeError(f"block store {url} is not reachable: {exc}") from exc
+        raise VolumeError(f"block store {redact_url(url)} is not reachable: {exc}") from exc
+
+
+def _missing_dirs(url: str) -> list[str]:
+    """The directories that opening the `file://` store at `url` would create, deepest first."""
+    parts = urlsplit(url)
+    if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+        return []
+    path = os.path.abspath(unquote(parts.path))
+    missing: list[str] = []
+    while not os.path.lexists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
+@contextlib.contextmanager
+def _undo_new_dirs(urls: Sequence[str]) -> Iterator[None]:
+    """On failure, remove the store directories created inside (never one that existed).
+
+    Only empty directories go (rmdir): whatever another process put there meanwhile stays.
+    """
+    created = [d for url in urls for d in _missing_dirs(url)]
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
 
 
 def format_volume(
@@ -98,9 +133,6 @@ def format_volume(
     if not volume or "/" in volume:
         raise VolumeError(f"invalid volume name {volume!r}")
     validate_layout(regions, primary, chunk_size, block_size)
-    if check_stores:
-        for r in regions:
-            probe_store(r.store_url)
     command = CreateVolume(
         name=volume,
         regions=tuple(regions),
@@ -112,14 +144,42 @@ def format_volume(
         root_uid=root_uid,
         root_gid=root_gid,
     )
-    with open_log(journal_url, volume) as log_:
-        if log_.head() > 0:
-            raise VolumeExistsError(f"volume {volume!r} already exists in {journal_url}")
-        now = time.time_ns()
-        payload = codec.encode(Envelope(command=command, origin=primary, timestamp_ns=now))
-        offset = log_.append(payload, now)
-        first = log_.start()
+    shown = redact_url(journal_url)
+    # A failed format leaves no store directory behind that it created itself.
+    with _undo_new_dirs([r.store_url for r in regions] if check_stores else []):
+        if check_stores:
+            for r in regions:
+                probe_store(r.store_url)
+        with open_log(journal_url, volume) as log_:
+            if log_.head() > 0:
+                raise VolumeExistsError(f"volume {volume!r} already exists in {shown}")
+            now = time.time_ns()
+            payload = codec.encode(Envelope(command=command, origin=primary, timestamp_ns=now))
+            offset = log_.append(payload, now)
+            first = log_.start()
     if offset != first:
         raise VolumeExistsError(
-            f"volume {volume!r} was formatted concurrently in {journal_url}; this format lost"
+            f"volume {volume!r} was formatted concurrently in {shown}; this format lost"
         )
+
+
+def volume_identity(log_: Log) -> str | None:
+    """Return what tells this volume from any other of its name: its CreateVolume's request id.
+
+    Names are not identities: two journals may each hold a volume `data`, and
+    a volume may be formatted anew under an old name. The request id of the
+    first record is random and written once. None when the log no longer
+    starts at offset 0 (trimmed) or does not begin with a CreateVolume.
+    """
+    if log_.start() != 0:
+        return None
+    records = log_.read(0, max_records=1)
+    if not records or records[0].offset != 0:
+        return None
+    try:
+        env = codec.decode(records[0].payload)
+    except codec.CodecError:
+        return None
+    if not isinstance(env.command, CreateVolume):
+        return None
+    return env.request_id.hex()[:16]

@@ -46,16 +46,26 @@ would fold a state on without the records it never saw. The check costs one
 request when a reader is positioned anew; a reader that continues asks only
 when the next record is not the one it expected (a trim under its feet makes
 the consumer jump to the new start, which looks like such a gap).
+
+Credentials. librdkafka settings (SASL, TLS) may be given in the journal
+URL, but a URL shows in `ps` and in messages; secrets belong in the
+environment or a properties file instead (`client_settings`): the settings
+of `TIDEFS_KAFKA_CONFIG` (a file readable by its owner only, as written by
+`tidefs --kafka-config FILE`) override the URL's, and `TIDEFS_KAFKA_<NAME>`
+variables (`TIDEFS_KAFKA_SASL_PASSWORD` is `sasl.password`) override both.
+Every URL this module quotes goes through `redact_url`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -65,6 +75,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from tidefs.journal.kafka_tail import TailFetcher
 from tidefs.journal.log import (
+    KAFKA_CONFIG_ENV,
     JournalConfigError,
     JournalError,
     JournalUnavailable,
@@ -72,6 +83,7 @@ from tidefs.journal.log import (
     LogMissing,
     Record,
     positive_float,
+    redact_url,
     url_options,
 )
 
@@ -101,6 +113,72 @@ _VOLUME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 _C = TypeVar("_C")
 _BATCH_OVERHEAD = 64 << 10
 """Room above `max_record_bytes` for the record batch framing and headers."""
+
+SETTING_ENV_PREFIX = "TIDEFS_KAFKA_"
+"""`TIDEFS_KAFKA_SASL_PASSWORD=x` is the librdkafka setting `sasl.password=x`."""
+
+NOT_SETTINGS = frozenset({KAFKA_CONFIG_ENV, "TIDEFS_KAFKA_LIBS"})
+"""Variables with the prefix that are not settings (the file; the test broker's jars)."""
+
+
+def read_properties(path: str) -> dict[str, str]:
+    """Read a librdkafka properties file (`name=value` lines, `#` comments).
+
+    The file holds secrets, so one that another user could read or change is
+    refused, as ssh refuses a private key: it must belong to the caller (or
+    root) and carry no group or other permission bits. Messages name the
+    file and line, never a value.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise JournalConfigError(
+            f"cannot read Kafka config file {path}: {exc.strerror or exc}"
+        ) from exc
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise JournalConfigError(f"Kafka config file {path} is not a regular file")
+        if st.st_uid not in (os.getuid(), 0) or st.st_mode & 0o077:
+            raise JournalConfigError(
+                f"Kafka config file {path} may hold secrets but is open to other users "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid}): make it yours "
+                "and mode 600 (chmod 600)"
+            )
+        settings: dict[str, str] = {}
+        for number, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith(("#", "!")):
+                continue
+            name, sep, value = text.partition("=")
+            if not sep or not name.strip():
+                raise JournalConfigError(
+                    f"Kafka config file {path}, line {number}: expected name=value"
+                )
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def client_settings(
+    url_settings: Mapping[str, object], environ: Mapping[str, str] | None = None
+) -> dict[str, object]:
+    """Merge librdkafka settings: the URL's, then the config file's, then the environment's.
+
+    Later sources win. The file is named by `TIDEFS_KAFKA_CONFIG`; a variable
+    `TIDEFS_KAFKA_SSL_KEY_PASSWORD` is the setting `ssl.key.password`
+    (lower case, `_` for `.`).
+    """
+    env = os.environ if environ is None else environ
+    merged: dict[str, object] = dict(url_settings)
+    path = env.get(KAFKA_CONFIG_ENV)
+    if path:
+        merged.update(read_properties(path))
+    for var, value in env.items():
+        if var.startswith(SETTING_ENV_PREFIX) and var not in NOT_SETTINGS:
+            name = var[len(SETTING_ENV_PREFIX) :].lower().replace("_", ".")
+            if name:
+                merged[name] = value
+    return merged
 
 
 class LogTrimmed(JournalError):
@@ -248,20 +326,27 @@ class KafkaLog(Log):
 
         Keyword options override the URL's query parameters.
         """
+        shown = redact_url(url)
         parts = urlsplit(url)
         if parts.scheme != "kafka":
-            raise JournalConfigError(f"not a kafka journal URL: {url!r}")
+            raise JournalConfigError(f"not a kafka journal URL: {shown!r}")
         if parts.path not in ("", "/") or parts.fragment:
             raise JournalConfigError(
-                f"kafka journal URL {url!r} has a path; expected kafka://host:port[,host:port]"
+                f"kafka journal URL {shown!r} has a path; expected kafka://host:port[,host:port]"
+            )
+        if "@" in parts.netloc:
+            raise JournalConfigError(
+                f"kafka journal URL {shown!r} names a user: give SASL credentials as "
+                f"{SETTING_ENV_PREFIX}SASL_USERNAME and {SETTING_ENV_PREFIX}SASL_PASSWORD "
+                "or in a --kafka-config file"
             )
         hosts = [h.strip() for h in parts.netloc.split(",")] if parts.netloc else []
         if not hosts:
-            raise JournalConfigError(f"kafka journal URL {url!r} names no broker")
+            raise JournalConfigError(f"kafka journal URL {shown!r} names no broker")
         for host in hosts:
             name, sep, port = host.rpartition(":")
             if not sep or not name or not port.isdigit() or not 0 < int(port) < 65536:
-                raise JournalConfigError(f"kafka journal URL {url!r}: {host!r} is not host:port")
+                raise JournalConfigError(f"kafka journal URL {shown!r}: {host!r} is not host:port")
         merged = url_options(url, parts.query, options)
         converters: dict[str, Callable[[object], object]] = {
             "timeout": positive_float,
@@ -290,9 +375,18 @@ class KafkaLog(Log):
                     ) from exc
             else:
                 raise JournalConfigError(
-                    f"unknown kafka journal option {name!r} in {url!r}; known: "
+                    f"unknown kafka journal option {name!r} in {shown!r}; known: "
                     f"{', '.join(sorted(converters))} and librdkafka settings (with a dot)"
                 )
+        client_config = client_settings(client_config)
+        servers = client_config.pop("bootstrap.servers", None)
+        if servers is not None and sorted(h.strip() for h in str(servers).split(",")) != sorted(
+            hosts
+        ):
+            raise JournalConfigError(
+                f"bootstrap.servers {servers!r} differs from the brokers of the journal URL "
+                f"{shown!r}: name the brokers in the URL only"
+            )
         return cls(",".join(hosts), volume, client_config=client_config, **kwargs)
 
     # -- opening -------------------------------------------------------------

@@ -9,9 +9,10 @@ durable, which is what lets a FUSE call acknowledge a mutation (invariant 5).
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 
 class JournalError(Exception):
@@ -28,6 +29,53 @@ class LogMissing(JournalUnavailable):
 
 class JournalConfigError(JournalError):
     """A journal URL or option is malformed or names an unsupported backend."""
+
+
+KAFKA_CONFIG_ENV = "TIDEFS_KAFKA_CONFIG"
+"""The variable naming a librdkafka properties file (`tidefs --kafka-config FILE` sets it)."""
+
+REDACTED = "***"
+"""What a secret is shown as."""
+
+_SECRET_NAME = re.compile(
+    r"pass|secret|token|credential|private|signature|jaas|oauthbearer\.config|\.pem$|(^|[._])key$",
+    re.IGNORECASE,
+)
+"""Names of URL parameters (librdkafka settings among them) whose value is a secret."""
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<info>[^/?#@\s'\"]*)@")
+_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
+
+
+def secret_name(name: str) -> bool:
+    """Whether a URL parameter or client setting of this name holds a secret (`sasl.password`)."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def redact_url(text: str) -> str:
+    """Return `text` with the secrets of every URL in it replaced by `***`.
+
+    The one helper for journal and store URLs, and for messages that quote
+    them: a password in `scheme://user:password@host` (a bare `token@` too),
+    and the value of every query parameter whose name says secret
+    (`sasl.password`, `ssl.key.password`, `...token`), also inside a URL
+    given as a parameter (`?endpoint=http://user:pw@host`). Whatever tidefs
+    prints, logs, publishes or puts on a command line goes through it.
+    """
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, sep, _password = m["info"].partition(":")
+        return f"{m['scheme']}{user}:{REDACTED}@" if sep else f"{m['scheme']}{REDACTED}@"
+
+    def param(m: re.Match[str]) -> str:
+        value = m["value"]
+        if secret_name(unquote(m["name"])):
+            value = REDACTED
+        elif "@" in unquote(value):
+            value = redact_url(unquote(value))
+        return f"{m['sep']}{m['name']}={value}"
+
+    return _PARAM.sub(param, _USERINFO.sub(userinfo, text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +153,7 @@ def url_options(url: str, query: str, options: dict[str, object]) -> dict[str, o
         parsed = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=True))
     except ValueError as exc:
         if query:
-            raise JournalConfigError(f"malformed query in journal URL {url!r}") from exc
+            raise JournalConfigError(f"malformed query in journal URL {redact_url(url)!r}") from exc
         parsed = {}
     return {**parsed, **options}
 
@@ -116,6 +164,18 @@ def positive_float(value: object) -> float:
     if not number > 0:
         raise ValueError("must be positive")
     return number
+
+
+def boolean(value: object) -> bool:
+    """Convert an option to a bool: true/false, yes/no, on/off, 1/0 (ValueError otherwise)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
 
 
 def open_log(url: str, volume: str, **options: object) -> Log:
@@ -130,5 +190,6 @@ def open_log(url: str, volume: str, **options: object) -> Log:
 
         return KafkaLog.from_url(url, volume, **options)
     raise JournalConfigError(
-        f"unsupported journal URL {url!r}: expected sqlite:///path/log.db or kafka://host:port"
+        f"unsupported journal URL {redact_url(url)!r}: "
+        "expected sqlite:///path/log.db or kafka://host:port"
     )

@@ -58,8 +58,11 @@ from tidefs.journal.log import (
     JournalError,
     JournalUnavailable,
     Log,
+    LogMissing,
     Record,
+    boolean,
     positive_float,
+    redact_url,
     url_options,
 )
 
@@ -171,7 +174,9 @@ class SqliteLog(Log):
     - `synchronous` (`full`, `extra` or `normal`; default `full`): SQLite's
       durability level, `normal` survives process crashes but not power loss;
     - `poll_interval` (seconds, default 0.002): how often a blocked tail reader
-      checks for commits of other processes.
+      checks for commits of other processes;
+    - `create` (default true): create the file and the volume's log when
+      missing; false raises LogMissing instead (a mount never creates a log).
     """
 
     def __init__(
@@ -182,6 +187,7 @@ class SqliteLog(Log):
         timeout: float = DEFAULT_TIMEOUT,
         synchronous: str = "full",
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        create: bool = True,
     ) -> None:
         if not isinstance(volume, str) or not volume:
             raise JournalConfigError(f"volume name must be a non-empty string, not {volume!r}")
@@ -196,10 +202,13 @@ class SqliteLog(Log):
         self.timeout = float(timeout)
         self.synchronous = synchronous.lower()
         self.poll_interval = float(poll_interval)
+        self.create = bool(create)
         self.batches = 0
         """How many transactions appended records: fewer than appends when group commit batched."""
 
         self._check_path()
+        if not self.create and not self.path.exists():
+            raise LogMissing(f"journal file {self.path} does not exist")
         self._notifier = _Notifier.for_path(os.path.realpath(self.path))
         self._closed = False
         # Group commit: the queue of pending appends and whether a leader is committing.
@@ -230,20 +239,21 @@ class SqliteLog(Log):
 
         Keyword options override the URL's query parameters.
         """
+        shown = redact_url(url)
         parts = urlsplit(url)
         if parts.scheme != "sqlite":
-            raise JournalConfigError(f"not a sqlite journal URL: {url!r}")
+            raise JournalConfigError(f"not a sqlite journal URL: {shown!r}")
         if parts.netloc:
             raise JournalConfigError(
-                f"sqlite journal URL {url!r} names a host ({parts.netloc!r}); "
+                f"sqlite journal URL {shown!r} names a host ({urlsplit(shown).netloc!r}); "
                 "use three slashes: sqlite:///path/log.db"
             )
         if parts.fragment:
-            raise JournalConfigError(f"sqlite journal URL {url!r} has a fragment")
+            raise JournalConfigError(f"sqlite journal URL {shown!r} has a fragment")
         path = unquote(parts.path)
         if not path or path.endswith("/"):
             raise JournalConfigError(
-                f"sqlite journal URL {url!r} names no file: sqlite:///path/log.db"
+                f"sqlite journal URL {shown!r} names no file: sqlite:///path/log.db"
             )
         # sqlite:////tmp/log.db (four slashes, as SQLAlchemy writes it) is /tmp/log.db, not //tmp.
         path = "/" + path.lstrip("/")
@@ -252,11 +262,12 @@ class SqliteLog(Log):
             "timeout": positive_float,
             "synchronous": str,
             "poll_interval": positive_float,
+            "create": boolean,
         }
         unknown = sorted(set(merged) - set(known))
         if unknown:
             raise JournalConfigError(
-                f"unknown sqlite journal option(s) {', '.join(unknown)} in {url!r}; "
+                f"unknown sqlite journal option(s) {', '.join(unknown)} in {shown!r}; "
                 f"known: {', '.join(sorted(known))}"
             )
         kwargs = {name: _convert(name, value, known[name]) for name, value in merged.items()}
@@ -333,10 +344,12 @@ class SqliteLog(Log):
                 raise JournalConfigError(
                     f"journal {self.path} has layout version {version}; this tidefs reads {SCHEMA_VERSION}"
                 )
-            conn.execute("INSERT OR IGNORE INTO volumes (name) VALUES (?)", (self.volume,))
-            (volume_id,) = conn.execute(
-                "SELECT id FROM volumes WHERE name = ?", (self.volume,)
-            ).fetchone()
+            if self.create:
+                conn.execute("INSERT OR IGNORE INTO volumes (name) VALUES (?)", (self.volume,))
+            row = conn.execute("SELECT id FROM volumes WHERE name = ?", (self.volume,)).fetchone()
+            if row is None:
+                raise LogMissing(f"journal {self.path} holds no log of volume {self.volume!r}")
+            (volume_id,) = row
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tidefs.journal.commands import Region, SliceRef
+from tidefs.journal.log import redact_url
 from tidefs.replica.blocks import BLOCKS_PREFIX, block_key
 from tidefs.replica.keys import VolumeInfo
 from tidefs.replica.store import (
@@ -283,7 +284,9 @@ class BlockFetcher:
         except FutureTimeout:
             future.cancel()
             url = self._url(region)
-            message = f"region {region}'s store {url} did not answer within {self.timeout:g}s"
+            message = (
+                f"region {region}'s store {redact_url(url)} did not answer within {self.timeout:g}s"
+            )
             self._mark_down(region, message)
             raise StoreUnavailable(message) from None
         except StoreUnavailable as exc:
@@ -616,7 +619,7 @@ class DeferredStore(BlockStore):
                     self._failed = True
                     raise
                 if self._failed:
-                    log.warning("block store %s is reachable now", self.url)
+                    log.warning("block store %s is reachable now", redact_url(self.url))
             return self._store
 
     @property
@@ -668,7 +671,7 @@ def open_region_store(url: str, **options: Any) -> BlockStore:
     except StoreConfigError:
         raise
     except StoreError as exc:
-        log.warning("block store %s is not reachable (%s); will retry on use", url, exc)
+        log.warning("block store %s is not reachable (%s); will retry on use", redact_url(url), exc)
         store = DeferredStore(url, **options)
         store._failed = True
         return store

@@ -98,7 +98,7 @@ from tidefs.journal.commands import (
     Envelope,
     SliceRef,
 )
-from tidefs.journal.log import JournalError, Log, Record
+from tidefs.journal.log import JournalError, Log, Record, redact_url
 from tidefs.replica.blocks import block_key
 from tidefs.replica.fetch import (
     DEFAULT_FETCH_TIMEOUT_S,
@@ -1159,7 +1159,7 @@ def run_replicator(
         fold_range(log_, state)
         vol = state.volume()
         if vol is None:
-            raise ReplicatorError(f"volume {volume!r} does not exist in {journal_url}")
+            raise ReplicatorError(f"volume {volume!r} does not exist in {redact_url(journal_url)}")
         if vol.region(region) is None:
             names = ", ".join(r.name for r in vol.regions)
             raise ReplicatorError(

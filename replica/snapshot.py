@@ -54,7 +54,7 @@ from rocksdict import AccessType, Options, Rdict, WriteBatch
 from tidefs import private
 from tidefs.journal import codec
 from tidefs.journal.commands import CreateVolume, Region
-from tidefs.journal.log import Log
+from tidefs.journal.log import Log, redact_url
 from tidefs.replica.keys import VolumeInfo
 from tidefs.replica.replica import fold_range
 from tidefs.replica.state import LOCK_FILE, State, StateError
@@ -230,10 +230,12 @@ def read_snapshot(store: BlockStore, sid: str) -> Snapshot | None:
     try:
         snap = Snapshot.parse(raw)
     except SnapshotError as exc:
-        log.warning("skipping snapshot %s in %s: %s", sid, store.url, exc)
+        log.warning("skipping snapshot %s in %s: %s", sid, redact_url(store.url), exc)
         return None
     if snap.id != sid:
-        log.warning("skipping snapshot %s in %s: its manifest names %s", sid, store.url, snap.id)
+        log.warning(
+            "skipping snapshot %s in %s: its manifest names %s", sid, redact_url(store.url), snap.id
+        )
         return None
     return snap
 

@@ -51,6 +51,7 @@ from typing import Any, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from tidefs import private
+from tidefs.journal.log import redact_url
 from tidefs.replica.blocks import (
     HEADER_SIZE,
     CorruptBlockError,
@@ -203,7 +204,7 @@ class BlockStore(abc.ABC):
         self.close()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.url!r})"
+        return f"{type(self).__name__}({redact_url(self.url)!r})"
 
 
 def open_store(url: str, **options: Any) -> BlockStore:
@@ -220,17 +221,17 @@ def open_store(url: str, **options: Any) -> BlockStore:
     and StoreUnavailable when the store cannot be reached or written.
     """
     if not isinstance(url, str) or not url:
-        raise StoreConfigError(f"empty block store URL {url!r}")
+        raise StoreConfigError(f"empty block store URL {redact_url(url)!r}")
     try:
         scheme = urlsplit(url).scheme
     except ValueError as e:
-        raise StoreConfigError(f"malformed block store URL {url!r}: {e}") from e
+        raise StoreConfigError(f"malformed block store URL {redact_url(url)!r}: {e}") from e
     if scheme == "file":
         return FileStore.from_url(url, **options)
     if scheme == "s3":
         return S3Store.from_url(url, **options)
     raise StoreConfigError(
-        f"unsupported block store URL {url!r}: expected file:///path/to/dir "
+        f"unsupported block store URL {redact_url(url)!r}: expected file:///path/to/dir "
         "or s3://bucket/prefix?endpoint=URL&region=R"
     )
 
@@ -607,7 +608,15 @@ class S3Store(BlockStore):
         if endpoint is not None:
             parts = urlsplit(endpoint)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise StoreConfigError(f"invalid S3 endpoint {endpoint!r}: expected http(s)://host")
+                raise StoreConfigError(
+                    f"invalid S3 endpoint {redact_url(endpoint)!r}: expected http(s)://host"
+                )
+            if "@" in parts.netloc:
+                # A store URL is written into the log, forever: no credentials in it.
+                raise StoreConfigError(
+                    f"S3 endpoint {redact_url(endpoint)!r} names a user: give credentials as "
+                    "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or an AWS profile)"
+                )
         if addressing_style is None:
             # S3-compatible servers (MinIO, Ceph, local test servers) are reached by
             # IP or a single host name: the bucket belongs in the path, not the host.
@@ -646,7 +655,9 @@ class S3Store(BlockStore):
             # Runs after boto3's own handlers of the event, which add the header.
             self._client.meta.events.register_last("before-call.s3", no_expect_for_small_body)
         except Exception as e:
-            raise StoreConfigError(f"cannot configure S3 client for {self.url}: {e}") from e
+            raise StoreConfigError(
+                f"cannot configure S3 client for {redact_url(self.url)}: {e}"
+            ) from e
         try:
             self._check_bucket(create_bucket)
         except BaseException:
@@ -659,26 +670,32 @@ class S3Store(BlockStore):
         unknown = set(options) - _S3_OPTIONS
         if unknown:
             raise StoreConfigError(f"unknown option(s) for an S3 store: {sorted(unknown)}")
+        shown = redact_url(url)
         try:
             parts = urlsplit(url)
             query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
         except ValueError as e:
-            raise StoreConfigError(f"malformed S3 store URL {url!r}: {e}") from e
+            raise StoreConfigError(f"malformed S3 store URL {shown!r}: {e}") from e
         if not parts.netloc:
-            raise StoreConfigError(f"S3 store URL {url!r} names no bucket (s3://bucket/prefix)")
-        if "@" in parts.netloc or ":" in parts.netloc:
+            raise StoreConfigError(f"S3 store URL {shown!r} names no bucket (s3://bucket/prefix)")
+        if "@" in parts.netloc:
             raise StoreConfigError(
-                f"S3 store URL {url!r}: put the endpoint in ?endpoint=, not in the bucket"
+                f"S3 store URL {shown!r} names credentials: a store URL is written into the "
+                "log, so give them as AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
+            )
+        if ":" in parts.netloc:
+            raise StoreConfigError(
+                f"S3 store URL {shown!r}: put the endpoint in ?endpoint=, not in the bucket"
             )
         if parts.fragment:
-            raise StoreConfigError(f"S3 store URL {url!r} takes no fragment")
+            raise StoreConfigError(f"S3 store URL {shown!r} takes no fragment")
         bad = set(query) - _S3_QUERY
         if bad:
-            raise StoreConfigError(f"unknown S3 store URL parameter(s) {sorted(bad)} in {url!r}")
+            raise StoreConfigError(f"unknown S3 store URL parameter(s) {sorted(bad)} in {shown!r}")
         params: dict[str, Any] = {}
         for name, values in query.items():
             if len(values) != 1:
-                raise StoreConfigError(f"S3 store URL parameter {name!r} given twice in {url!r}")
+                raise StoreConfigError(f"S3 store URL parameter {name!r} given twice in {shown!r}")
             params["create_bucket" if name == "create" else name] = values[0]
         params.update(options)
         timeout = _parse_timeout(params.pop("timeout", DEFAULT_TIMEOUT_S))
@@ -727,7 +744,7 @@ class S3Store(BlockStore):
             raise BlockNotFound(key) from None
         if isinstance(e, bce.NoCredentialsError | bce.PartialCredentialsError):
             raise StoreConfigError(
-                f"no AWS credentials for {self.url}: set AWS_ACCESS_KEY_ID and "
+                f"no AWS credentials for {redact_url(self.url)}: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
             ) from e
         if code == "NoSuchBucket":
@@ -735,9 +752,11 @@ class S3Store(BlockStore):
                 f"cannot {doing}: S3 bucket {self.bucket!r} does not exist"
             ) from e
         if code in _CREDENTIAL_CODES:
-            raise StoreUnavailable(f"cannot {doing}: access denied ({code}) to {self.url}") from e
+            raise StoreUnavailable(
+                f"cannot {doing}: access denied ({code}) to {redact_url(self.url)}"
+            ) from e
         if isinstance(e, bce.ClientError | bce.BotoCoreError):
-            raise StoreUnavailable(f"cannot {doing} in {self.url}: {e}") from e
+            raise StoreUnavailable(f"cannot {doing} in {redact_url(self.url)}: {e}") from e
         raise e
 
     def _key(self, key: str) -> str:
@@ -851,7 +870,7 @@ class S3Store(BlockStore):
         if errors:
             first = errors[0]
             raise StoreUnavailable(
-                f"cannot delete {len(errors)} objects in {self.url}, e.g. "
+                f"cannot delete {len(errors)} objects in {redact_url(self.url)}, e.g. "
                 f"{first.get('Key')!r}: {first.get('Code')} {first.get('Message')}"
             )
 

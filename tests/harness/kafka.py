@@ -94,6 +94,7 @@ class KafkaBroker:
         heap: str = "512m",
         ready_timeout: float = 90.0,
         proxied_port: int | None = None,
+        sasl_users: dict[str, str] | None = None,
     ) -> None:
         self.libs = libs
         self.workdir = Path(workdir)
@@ -110,6 +111,9 @@ class KafkaBroker:
         # talking through it (the chaos suite cuts a region off that way).
         self.proxied_port = proxied_port
         self.proxied_listen_port = free_port() if proxied_port is not None else None
+        # A SASL/PLAIN listener beside the plaintext one, for these user -> password pairs.
+        self.sasl_users = dict(sasl_users or {})
+        self.sasl_port = free_port() if sasl_users else None
 
     @property
     def bootstrap(self) -> str:
@@ -120,6 +124,12 @@ class KafkaBroker:
     def url(self) -> str:
         """The journal URL of this broker: "kafka://127.0.0.1:PORT"."""
         return f"kafka://{self.bootstrap}"
+
+    @property
+    def sasl_url(self) -> str:
+        """The journal URL of the SASL/PLAIN listener (credentials go in client settings)."""
+        assert self.sasl_port is not None, "broker started without sasl_users"
+        return f"kafka://127.0.0.1:{self.sasl_port}"
 
     @property
     def running(self) -> bool:
@@ -249,6 +259,15 @@ class KafkaBroker:
             settings["listeners"] += f",PROXIED://127.0.0.1:{self.proxied_listen_port}"
             settings["advertised.listeners"] += f",PROXIED://127.0.0.1:{self.proxied_port}"
             settings["listener.security.protocol.map"] += ",PROXIED:PLAINTEXT"
+        if self.sasl_port is not None:
+            users = " ".join(f'user_{name}="{pw}"' for name, pw in self.sasl_users.items())
+            settings["listeners"] += f",SASL://127.0.0.1:{self.sasl_port}"
+            settings["advertised.listeners"] += f",SASL://127.0.0.1:{self.sasl_port}"
+            settings["listener.security.protocol.map"] += ",SASL:SASL_PLAINTEXT"
+            settings["sasl.enabled.mechanisms"] = "PLAIN"
+            settings["listener.name.sasl.plain.sasl.jaas.config"] = (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            )
         (self.workdir / "server.properties").write_text(
             "".join(f"{key}={value}\n" for key, value in settings.items())
         )
