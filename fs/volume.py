@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from tidefs.journal import codec
+from tidefs.journal import codec, features
 from tidefs.journal.commands import CreateVolume, Envelope, Region
 from tidefs.journal.log import open_log
 from tidefs.replica.blocks import MAX_BLOCK_SIZE
@@ -87,6 +87,7 @@ def format_volume(
     root_uid: int = 0,
     root_gid: int = 0,
     check_stores: bool = True,
+    schema_version: int | None = None,
 ) -> None:
     """Create `volume` in the log at `journal_url`, with its regions and layout.
 
@@ -94,10 +95,21 @@ def format_volume(
     a bad layout or an unreachable store, and the journal's errors as they are.
     Two concurrent formats cannot both win: only a record at offset 0 creates
     the volume (the fold rejects a later CreateVolume), so the loser is told.
+
+    The volume enables every schema version and feature this tidefs knows
+    (an EnableFeatures right after CreateVolume, in the same append), or those
+    up to `schema_version`: 1 writes no EnableFeatures, so that regions still
+    running a tidefs of schema v1 can read the volume until `tidefs upgrade`.
     """
     if not volume or "/" in volume:
         raise VolumeError(f"invalid volume name {volume!r}")
     validate_layout(regions, primary, chunk_size, block_size)
+    try:
+        enable = features.enable_up_to(
+            codec.CURRENT_VERSION if schema_version is None else schema_version
+        )
+    except ValueError as exc:
+        raise VolumeError(str(exc)) from exc
     if check_stores:
         for r in regions:
             probe_store(r.store_url)
@@ -116,8 +128,15 @@ def format_volume(
         if log_.head() > 0:
             raise VolumeExistsError(f"volume {volume!r} already exists in {journal_url}")
         now = time.time_ns()
-        payload = codec.encode(Envelope(command=command, origin=primary, timestamp_ns=now))
-        offset = log_.append(payload, now)
+        version = features.LEGACY_SCHEMA if enable is None else enable.schema_version
+        level = features.Enabled(version, frozenset())
+        envs = [Envelope(command=command, origin=primary, timestamp_ns=now)]
+        if enable is not None:
+            envs.append(Envelope(command=enable, origin=primary, timestamp_ns=now))
+        payloads = [
+            (codec.encode(env, features.write_version(env.command, level)), now) for env in envs
+        ]
+        offset = log_.append_many(payloads)[0]
         first = log_.start()
     if offset != first:
         raise VolumeExistsError(
