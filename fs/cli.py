@@ -84,10 +84,30 @@ def parse_size(text: str) -> int:
 
 
 def _region_spec(text: str) -> tuple[str, str]:
+    from tidefs.fs.volume import region_name_problem
+
     name, sep, url = text.partition("=")
     if not sep or not name or not url:
         raise argparse.ArgumentTypeError(f"expected NAME=STORE_URL, not {text!r}")
+    problem = region_name_problem(name)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return name, url
+
+
+def _schema_version(text: str) -> int:
+    from tidefs.journal import codec, features
+
+    try:
+        version = int(text)
+    except ValueError:
+        version = -1
+    if not features.LEGACY_SCHEMA <= version <= codec.CURRENT_VERSION:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a schema version this tidefs writes "
+            f"({features.LEGACY_SCHEMA}..{codec.CURRENT_VERSION})"
+        )
+    return version
 
 
 def parse_duration(text: str) -> int:
@@ -116,6 +136,7 @@ def cmd_format(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             block_size=args.block_size,
             retention_s=args.retention,
+            schema_version=args.schema_version,
         )
     except VolumeError as exc:
         raise CliError(str(exc)) from exc
@@ -162,13 +183,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'region':<12} {'applied':>9} {'lag rec':>8} {'lag s':>7} {'backlog':>8} "
-        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8}"
+        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8} {'schema':>6}"
     )
     for st in regions.values():
+        if not st.published:
+            print(f"{st.region:<12} {'-':>9} never published its status (not running?)")
+            continue
         print(
             f"{st.region:<12} {st.applied_offset:>9} {st.lag_records:>8} {st.lag_seconds:>7.2f} "
             f"{st.backlog_blocks:>8} {st.backlog_bytes:>10} {st.backlog_oldest_s:>8.1f} "
-            f"{st.fallback_reads:>8}"
+            f"{st.fallback_reads:>8} {f'v{st.knows_schema}' if st.knows_schema else '?':>6}"
         )
         if st.state_before_log_start:
             print(
@@ -383,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=7 * 86400,
         metavar="DURATION",
         help="how long unreferenced blocks are kept for restores (default 7d)",
+    )
+    sp.add_argument(
+        "--schema-version",
+        type=_schema_version,
+        metavar="N",
+        help="enable schema versions and features only up to N, so that regions running an "
+        "older tidefs can read the volume until `tidefs upgrade` (default: all this one knows)",
     )
     sp.set_defaults(func=cmd_format)
 

@@ -13,6 +13,7 @@ that a typo in a store URL fails here, not at the first write of some mount.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 
@@ -29,6 +30,20 @@ DEFAULT_BLOCK_SIZE = 4 << 20
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 """How long unreferenced blocks are kept before gc, so that a replay can bring files back."""
+
+
+REGION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""What a region name may be: it names directories, status rows and command-line arguments."""
+
+
+def region_name_problem(name: str) -> str | None:
+    """Return why `name` cannot name a region (one line), or None when it can."""
+    if REGION_NAME.fullmatch(name) is None:
+        return (
+            f"invalid region name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return None
 
 
 class VolumeError(Exception):
@@ -49,8 +64,9 @@ def validate_layout(
     if len(set(names)) != len(names):
         raise VolumeError(f"duplicate region names in {names}")
     for r in regions:
-        if not r.name or "/" in r.name or r.name != r.name.strip():
-            raise VolumeError(f"invalid region name {r.name!r}")
+        problem = region_name_problem(r.name)
+        if problem is not None:
+            raise VolumeError(problem)
         if not r.store_url:
             raise VolumeError(f"region {r.name!r} has no store URL")
     if primary not in names:

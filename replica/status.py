@@ -23,10 +23,12 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tidefs.journal import codec, features
+from tidefs.journal.commands import AddRegion, CreateVolume, RemoveRegion
 from tidefs.journal.log import JournalError, Log, open_log
 
 if TYPE_CHECKING:
@@ -65,7 +67,16 @@ class RegionStatus:
     fallback_bytes: int = 0
     apply_delay_p99_s: float = 0.0
     state_before_log_start: bool = False
+    knows_schema: int = 0
+    """The newest schema version its tidefs knows (0: it did not say, an older tidefs)."""
+    knows_features: list[str] = field(default_factory=list)
+    published: bool = True
+    """False for a region of the volume that never published a report."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def knows(self, schema_version: int, names: Iterable[str]) -> bool:
+        """Whether this region's tidefs knows `schema_version` and every feature in `names`."""
+        return schema_version <= self.knows_schema and set(names) <= set(self.knows_features)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of `tidefs status --json` for one region."""
@@ -159,6 +170,11 @@ def digest_fields(state: State) -> dict[str, Any]:
     return {"digest_offset": offset, "digest": digest.hex()}
 
 
+def knowledge_fields() -> dict[str, Any]:
+    """What this tidefs can read, so that `tidefs upgrade` knows when every region can."""
+    return {"knows_schema": codec.CURRENT_VERSION, "knows_features": sorted(features.KNOWN)}
+
+
 def region_fields(
     replica: Replica,
     *,
@@ -170,11 +186,17 @@ def region_fields(
     A mount passes its fetcher's statistics (fallback reads) and its replicator
     when it runs one; `tidefs replicate` passes only its replicator.
     """
+    vol = replica.state.volume()
     fields: dict[str, Any] = {
         "applied_offset": replica.applied,
         "apply_delay_p99_s": round(replica.delays.p99(), 6),
         **digest_fields(replica.state),
+        **knowledge_fields(),
     }
+    if vol is not None:
+        # At about the applied offset: `tidefs status` follows the log's tail from there.
+        fields["volume_regions"] = [r.name for r in vol.regions]
+        fields["volume_primary"] = vol.primary
     if fetch_stats is not None:
         st = fetch_stats()
         fields["fallback_reads"] = st.fallback_reads
@@ -251,7 +273,9 @@ def read_status(
                 first_missing = mlog.read(max(applied + 1, m_start), max_records=1, timeout=1.0)
                 if first_missing:
                     lag_seconds = max(0.0, (time.time_ns() - first_missing[0].timestamp_ns) / 1e9)
-            known = {f for f in RegionStatus.__dataclass_fields__ if f != "extra"}
+            known = {
+                f for f in RegionStatus.__dataclass_fields__ if f not in ("extra", "published")
+            }
             out[region] = RegionStatus(
                 region=region,
                 applied_offset=applied,
@@ -265,9 +289,70 @@ def read_status(
                 fallback_bytes=int(rep.get("fallback_bytes", 0)),
                 apply_delay_p99_s=float(rep.get("apply_delay_p99_s", 0.0)),
                 state_before_log_start=applied + 1 < m_start,
+                knows_schema=int(rep.get("knows_schema", 0)),
+                knows_features=sorted(str(f) for f in rep.get("knows_features", ())),
                 extra={k: v for k, v in rep.items() if k not in known},
             )
-        return out
+        for region in volume_regions(mlog, reports.values()):
+            if region not in out:
+                out[region] = RegionStatus(
+                    region=region,
+                    applied_offset=-1,
+                    published_ns=0,
+                    lag_records=m_head,
+                    published=False,
+                )
+        return dict(sorted(out.items()))
     finally:
         if own:
             mlog.close()
+
+
+def volume_regions(mlog: Log, reports: Iterable[dict[str, Any]]) -> list[str]:
+    """Return the names of the volume's regions at the log's head, those that never published too.
+
+    Starts from the regions the most advanced report lists (its state's volume
+    record) and follows AddRegion and RemoveRegion through the rest of the log;
+    without such a report, from CreateVolume at offset 0. A log trimmed below
+    every report's offset leaves only the reporting regions known (an empty list).
+    """
+    best: dict[str, Any] | None = None
+    for rep in reports:
+        if isinstance(rep.get("volume_regions"), list) and (
+            best is None or int(rep.get("applied_offset", -1)) > int(best["applied_offset"])
+        ):
+            best = rep
+    if best is not None:
+        names = [str(n) for n in best["volume_regions"]]
+        primary = str(best.get("volume_primary", ""))
+        offset = int(best["applied_offset"]) + 1
+    else:
+        if mlog.start() > 0 or mlog.head() == 0:
+            return []
+        first = mlog.read(0, max_records=1, timeout=1.0)
+        if not first:
+            return []
+        try:
+            create = codec.decode(first[0].payload).command
+        except codec.CodecError:
+            return []
+        if not isinstance(create, CreateVolume):
+            return []
+        names, primary, offset = [r.name for r in create.regions], create.primary, 1
+    head = mlog.head()
+    offset = max(offset, mlog.start())
+    while offset < head:
+        records = mlog.read(offset, max_records=1000, timeout=1.0)
+        if not records:
+            break
+        for rec in records:
+            try:
+                cmd = codec.decode(rec.payload).command
+            except codec.CodecError:
+                return names  # a newer tidefs wrote the rest: as far as this one can read
+            if isinstance(cmd, AddRegion) and cmd.region.name not in names:
+                names.append(cmd.region.name)
+            elif isinstance(cmd, RemoveRegion) and cmd.name != primary and cmd.name in names:
+                names.remove(cmd.name)
+        offset = records[-1].offset + 1
+    return names
