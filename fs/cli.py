@@ -174,7 +174,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from tidefs.replica.status import read_status
 
-    regions = read_status(args.journal, args.volume)
+    regions = read_status(args.journal, args.volume, every_region=True)
     if args.json:
         print(json.dumps({name: st.as_dict() for name, st in regions.items()}, sort_keys=True))
         return 0

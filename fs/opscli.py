@@ -417,7 +417,7 @@ def _verify_from_status(args: argparse.Namespace) -> int:
                 progress=bars,
             )
 
-        every = read_status(args.journal, args.volume, metadata_log=lg)
+        every = read_status(args.journal, args.volume, metadata_log=lg, every_region=True)
         result = verify_reports(reports, lg, replay, regions=every, progress=bars)
     bars.finish()
     lines: list[str] = []

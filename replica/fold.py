@@ -88,7 +88,7 @@ from tidefs.journal.commands import (
     inode_for_offset,
 )
 from tidefs.journal.features import BY_NAME as FEATURES_BY_NAME
-from tidefs.journal.features import LEGACY, LEGACY_SCHEMA, Enabled, missing
+from tidefs.journal.features import LEGACY, LEGACY_SCHEMA, Enabled, missing, used
 from tidefs.replica.keys import (
     FEATURES_KEY,
     I64_MAX,
@@ -360,7 +360,7 @@ def _apply(tx: _Tx, env: Envelope) -> int:
         raise Reject(E.ENOSYS)
     if handler is not _create_volume and tx.get(VOLUME_KEY) is None:
         raise Reject(E.ENOENT)
-    if type(cmd) in _USES_FEATURES and missing(cmd, tx.features()) is not None:
+    if type(cmd) in _USES_FEATURES and used(cmd) and missing(cmd, tx.features()) is not None:
         raise Reject(E.EOPNOTSUPP)  # the volume has not enabled what this command uses
     return handler(tx, cmd)
 

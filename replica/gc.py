@@ -17,7 +17,9 @@ block only when all of these hold:
    too. Regions publish their applied offsets in the status log
    (`tidefs.replica.status`); an operator can name a region's state directory
    instead. A region whose offset is unknown could be at offset -1, so then
-   nothing is deleted at all (the plan says which region is missing).
+   nothing is deleted at all (the plan says which region is missing). The
+   regions are those of the volume at the head: a region removed by
+   RemoveRegion no longer counts, and its store is left alone.
 3. Grace. Blocks are uploaded before the command that records them is
    appended, so a block that no command references yet may belong to a write
    in progress. Only blocks older than the grace period (by the store's

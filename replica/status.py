@@ -253,9 +253,17 @@ def read_digests(journal_url: str, volume: str) -> dict[str, list[tuple[int, str
 
 
 def read_status(
-    journal_url: str, volume: str, *, metadata_log: Log | None = None
+    journal_url: str,
+    volume: str,
+    *,
+    metadata_log: Log | None = None,
+    every_region: bool = False,
 ) -> dict[str, RegionStatus]:
-    """Return the newest status of every region that ever published, with lag computed now."""
+    """Return the newest status of every region that ever published, with lag computed now.
+
+    With `every_region`, a region of the volume that never published is listed
+    too (`published` False, applied offset -1), so that none goes unnoticed.
+    """
     reports: dict[str, dict[str, Any]] = {}
     for _offset, report in _reports(journal_url, volume, TAIL_RECORDS):
         reports[str(report["region"])] = report
@@ -293,7 +301,7 @@ def read_status(
                 knows_features=sorted(str(f) for f in rep.get("knows_features", ())),
                 extra={k: v for k, v in rep.items() if k not in known},
             )
-        for region in volume_regions(mlog, reports.values()):
+        for region in volume_regions(mlog, reports.values()) if every_region else ():
             if region not in out:
                 out[region] = RegionStatus(
                     region=region,
@@ -308,13 +316,19 @@ def read_status(
             mlog.close()
 
 
+REGION_SCAN_RECORDS = 200_000
+"""Longest tail of the metadata log `volume_regions` reads to follow AddRegion and RemoveRegion."""
+
+
 def volume_regions(mlog: Log, reports: Iterable[dict[str, Any]]) -> list[str]:
     """Return the names of the volume's regions at the log's head, those that never published too.
 
     Starts from the regions the most advanced report lists (its state's volume
     record) and follows AddRegion and RemoveRegion through the rest of the log;
     without such a report, from CreateVolume at offset 0. A log trimmed below
-    every report's offset leaves only the reporting regions known (an empty list).
+    every report's offset, or a tail longer than `REGION_SCAN_RECORDS` (no
+    region runs a tidefs that publishes its regions), leaves only the
+    reporting regions known (an empty list): status must stay quick.
     """
     best: dict[str, Any] | None = None
     for rep in reports:
@@ -341,6 +355,8 @@ def volume_regions(mlog: Log, reports: Iterable[dict[str, Any]]) -> list[str]:
         names, primary, offset = [r.name for r in create.regions], create.primary, 1
     head = mlog.head()
     offset = max(offset, mlog.start())
+    if head - offset > REGION_SCAN_RECORDS:
+        return []
     while offset < head:
         records = mlog.read(offset, max_records=1000, timeout=1.0)
         if not records:

@@ -426,6 +426,8 @@ def describe_key(key: bytes) -> str:
     try:
         if tag == K.TAG_VOLUME:
             return "the volume record"
+        if tag == K.TAG_FEATURES:
+            return "the volume's enabled schema version and features"
         if tag == K.TAG_INODE:
             return f"attributes of inode {K.key_inode(key)}"
         if tag == K.TAG_SYMLINK:
