@@ -649,7 +649,6 @@ def _region_remove(args: argparse.Namespace) -> int:
     import errno as errno_names
     import os
 
-    from tidefs.fs.volume import region_name_problem
     from tidefs.journal import features
     from tidefs.journal.commands import RemoveRegion
     from tidefs.replica.fetch import open_region_stores
@@ -679,13 +678,11 @@ def _region_remove(args: argparse.Namespace) -> int:
             ) from exc
         if sole:
             why = f" ({unlisted})" if unlisted is not None else ""
-            others = [r.name for r in vol.regions if r.name != name]
+            other = vol.primary  # never the region removed
             fix = (
-                f"tidefs sync --data on a mount of region {name}, or tidefs replicate "
-                f"{args.volume} --journal URL --region {others[0]} --once"
+                f"tidefs sync --data on a mount of region {other}, or tidefs replicate "
+                f"{args.volume} --journal URL --region {other} --once"
             )
-            if region_name_problem(name) is not None or unlisted is not None:
-                fix = f"tidefs fsck {args.volume} --journal URL --region {others[0]} --repair"
             raise _error(
                 f"{len(sole)} live block(s) have their only copy in region {name}{why}, e.g. "
                 f"{sole[0]}: copy them to another region first ({fix}), then remove it"

@@ -88,6 +88,7 @@ class Enabled:
     features: frozenset[str] = frozenset()
 
     def describe(self) -> str:
+        """One line for humans: "schema v2, features: region_remove"."""
         names = ", ".join(sorted(self.features)) or "none"
         return f"schema v{self.schema_version}, features: {names}"
 
@@ -190,8 +191,3 @@ def enable_all() -> EnableFeatures:
     enable = enable_up_to(codec.CURRENT_VERSION)
     assert enable is not None  # this tidefs writes schema v2 at least
     return enable
-
-
-def knowledge() -> dict[str, Any]:
-    """What this tidefs knows, as it publishes it in status reports."""
-    return {"schema_version": codec.CURRENT_VERSION, "features": sorted(KNOWN)}

@@ -12,7 +12,6 @@ directory stores.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -121,9 +120,11 @@ def test_region_remove_undoes_a_region_and_every_region_is_listed(
     gc = json.loads(run_cli("gc", vol.name, *cli, "--json").stdout)
     assert gc["blocked"] is None and gc["regions"] == ["a", "b"]
 
-    # Once b's blocks are in a's store too, b can go; a still reads every byte.
-    store_a, store_b = (tmp_path / "store-a"), (tmp_path / "store-b")
-    shutil.copytree(store_b / "blocks", store_a / "blocks", dirs_exist_ok=True)
+    # The command the refusal named copies b's blocks to a; then b can go.
+    run_cli(
+        "replicate", vol.name, "--journal", journal, "--region", "a", "--once",
+        "--state-dir", str(tmp_path / "replicate-a"), "--timeout", "120",
+    )  # fmt: skip
     run_cli("region", "remove", vol.name, "b", *cli)
     vol.sync("a")
     assert [r.name for r in vol.state("a").volume().regions] == ["a"]  # type: ignore[union-attr]
