@@ -18,7 +18,11 @@ it has; the message names what to upgrade.
 `FEATURES` is the one registry: a feature is one line naming the schema
 version that introduced it and the command (and field) that uses it. Entries
 are never changed once released, so every tidefs that knows a feature agrees
-on what it means; adding one is adding a line.
+on what it means; adding one is adding a line. A feature is always a command
+or field that its schema version added: an older tidefs cannot even decode a
+record that uses it, so the fold's check (a command using a feature the
+volume has not enabled is refused, EOPNOTSUPP) is the same in every tidefs
+that folds the record.
 """
 
 from __future__ import annotations

@@ -290,3 +290,20 @@ def test_the_fold_gates_features_and_checks_enable_features(tmp_path: Path) -> N
         assert vol is not None and [r.name for r in vol.regions] == ["a"]
         assert apply(state, 8, EnableFeatures(1, ())) == 0  # never lowers the level
         assert state.features().schema_version == codec.CURRENT_VERSION
+
+
+@pytest.mark.parametrize("feature", features.FEATURES, ids=lambda f: f.name)
+def test_each_feature_is_what_its_schema_version_added(feature: features.Feature) -> None:
+    """The rule that keeps the fold's feature check the same in every tidefs (features.py)."""
+
+    def has(version: int) -> bool:
+        named = codec.VERSIONS[version].schema["__named_schemas"]
+        record = named.get(f"tidefs.{feature.command.__name__}")
+        if record is None:
+            return False
+        return feature.field is None or feature.field in {f["name"] for f in record["fields"]}
+
+    assert has(feature.schema_version), f"schema v{feature.schema_version} lacks it"
+    assert not has(feature.schema_version - 1), "an older schema could already write it"
+    assert feature.schema_version >= features.FIRST_FEATURE_SCHEMA
+    assert features.BY_NAME[feature.name] is feature
