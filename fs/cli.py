@@ -167,10 +167,30 @@ def open_volume_log(journal_url: str, volume: str) -> Log:
 
 
 def _region_spec(text: str) -> tuple[str, str]:
+    from tidefs.fs.volume import region_name_problem
+
     name, sep, url = text.partition("=")
     if not sep or not name or not url:
         raise argparse.ArgumentTypeError(f"expected NAME=STORE_URL, not {text!r}")
+    problem = region_name_problem(name)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return name, url
+
+
+def _schema_version(text: str) -> int:
+    from tidefs.journal import codec, features
+
+    try:
+        version = int(text)
+    except ValueError:
+        version = -1
+    if not features.LEGACY_SCHEMA <= version <= codec.CURRENT_VERSION:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a schema version this tidefs writes "
+            f"({features.LEGACY_SCHEMA}..{codec.CURRENT_VERSION})"
+        )
+    return version
 
 
 def parse_duration(text: str) -> int:
@@ -202,6 +222,7 @@ def cmd_format(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             block_size=args.block_size,
             retention_s=args.retention,
+            schema_version=args.schema_version,
         )
     except VolumeError as exc:
         raise CliError(str(exc)) from exc
@@ -266,31 +287,36 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tidefs.replica.status import newest_per_region, read_mounts
+    from tidefs.replica.status import newest_per_region, read_mounts, with_silent_regions
 
-    open_volume_log(args.journal, args.volume).close()
-    mounts = read_mounts(args.journal, args.volume)
+    with open_volume_log(args.journal, args.volume) as lg:
+        mounts = read_mounts(args.journal, args.volume, metadata_log=lg)
+        regions = with_silent_regions(lg, newest_per_region(mounts))
     if args.json:
         # Per region its newest report (the figures of a region with one mount), and every
         # mount of the region, one row each, under "mounts".
-        doc = {name: st.as_dict() for name, st in newest_per_region(mounts).items()}
+        doc = {name: st.as_dict() for name, st in regions.items()}
         for st in mounts.values():
             doc[st.region].setdefault("mounts", []).append(st.as_dict())
         print(json.dumps(doc, sort_keys=True))
         return 0
-    if not mounts:
+    if not regions:
         print(f"no region of volume {args.volume} has published its status yet")
         return 0
     print(
         f"{'region':<12} {'applied':>9} {'lag rec':>8} {'lag s':>7} {'backlog':>8} "
-        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8} {'host':<16} mount"
+        f"{'bytes':>10} {'oldest s':>8} {'fallback':>8} {'schema':>6} {'host':<16} mount"
     )
+    for st in regions.values():
+        if not st.published:
+            print(f"{st.region:<12} {'-':>9} never published its status (not running?)")
     warned: set[str] = set()
     for st in mounts.values():
         print(
             f"{st.region:<12} {st.applied_offset:>9} {st.lag_records:>8} {st.lag_seconds:>7.2f} "
             f"{st.backlog_blocks:>8} {st.backlog_bytes:>10} {st.backlog_oldest_s:>8.1f} "
-            f"{st.fallback_reads:>8} {st.host or '-':<16} {st.mount_id or '-'}"
+            f"{st.fallback_reads:>8} {f'v{st.knows_schema}' if st.knows_schema else '?':>6} "
+            f"{st.host or '-':<16} {st.mount_id or '-'}"
         )
         if st.state_before_log_start and st.region not in warned:
             warned.add(st.region)
@@ -524,6 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=7 * 86400,
         metavar="DURATION",
         help="how long unreferenced blocks are kept for restores (default 7d)",
+    )
+    sp.add_argument(
+        "--schema-version",
+        type=_schema_version,
+        metavar="N",
+        help="enable schema versions and features only up to N, so that regions running an "
+        "older tidefs can read the volume until `tidefs upgrade` (default: all this one knows)",
     )
     sp.set_defaults(func=cmd_format)
 

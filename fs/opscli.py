@@ -1,4 +1,4 @@
-"""The operations subcommands of `tidefs`: snapshot, restore, verify, fsck, gc and region.
+"""The operations subcommands of `tidefs`: snapshot, restore, verify, fsck, gc, region, upgrade.
 
 They follow the conventions of `tidefs.fs.cli` (exit 0 on success, 1 with one
 line on stderr for an operational error, `--json` for scripts, progress on
@@ -38,8 +38,11 @@ from tidefs.fs.cli import (
 
 if TYPE_CHECKING:
     from tidefs.fs.progress import Progress
+    from tidefs.journal.commands import Command, Outcome
+    from tidefs.journal.features import Enabled
     from tidefs.journal.log import Log
     from tidefs.replica.keys import VolumeInfo
+    from tidefs.replica.state import State
     from tidefs.replica.store import BlockStore
 
 Handler = Callable[[argparse.Namespace], int]
@@ -397,8 +400,7 @@ def _verify_from_status(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tidefs.replica.snapshot import rebuild_state
-    from tidefs.replica.state import State
-    from tidefs.replica.status import read_digests
+    from tidefs.replica.status import read_digests, read_status
     from tidefs.replica.verify import DIVERGED, OK, verify_reports
 
     if args.offset is not None or args.deep:
@@ -426,7 +428,8 @@ def _verify_from_status(args: argparse.Namespace) -> int:
                 progress=bars,
             )
 
-        result = verify_reports(reports, lg, replay, progress=bars)
+        every = read_status(args.journal, args.volume, metadata_log=lg, every_region=True)
+        result = verify_reports(reports, lg, replay, regions=every, progress=bars)
     bars.finish()
     lines: list[str] = []
     for r in result.regions:
@@ -570,14 +573,20 @@ def cmd_gc(args: argparse.Namespace) -> int:
         deleted = apply_gc(regions, plan, progress=bars) if args.apply else 0
     bars.finish()
     result = {**plan.as_dict(), "applied_deletes": deleted, "dry_run": not args.apply}
+    region_lines = [
+        f"region {name}: "
+        + (f"applied offset {plan.applied[name]}" if name in plan.applied else "never published")
+        for name in plan.regions
+    ]
     if plan.blocked is not None:
-        lines = [f"nothing can be deleted: {plan.blocked}"]
+        lines = [*region_lines, f"nothing can be deleted: {plan.blocked}"]
     else:
         verb = "deleted" if args.apply else "would delete"
         lines = [
             f"protecting {plan.referenced} slices referenced at offsets >= {plan.protect_from} "
             f"(retention window from offset {plan.window_start}, head {plan.head}); "
             f"{plan.listed} blocks listed, {plan.young} younger than the grace kept",
+            *region_lines,
         ]
         for region, garbage in sorted(plan.by_region().items()):
             size = sum(g.size for g in garbage)
@@ -599,9 +608,188 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 @_ops_errors
 def cmd_region(args: argparse.Namespace) -> int:
-    if args.action != "add":
-        raise _error(f"unknown region action {args.action!r}: expected add")
-    return _region_add(args)
+    parser: argparse.ArgumentParser = args.region_parser
+    if args.action == "add":
+        try:
+            args.region = _region_spec(args.region)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"argument NAME=STORE_URL: {exc}")  # exits 2, nothing appended
+        return _region_add(args)
+    if args.action == "remove":
+        return _region_remove(args)
+    parser.error(f"unknown region action {args.action!r}: expected add or remove")
+    return 2  # pragma: no cover - parser.error exits
+
+
+def _append_volume_command(
+    args: argparse.Namespace,
+    check: Callable[[State, VolumeInfo, dict[str, BlockStore]], Command],
+) -> tuple[Outcome, VolumeInfo]:
+    """Fold a private state to the head, let `check` refuse or build the command, append it.
+
+    The outcome is the fold's own, so a concurrent change of the volume record
+    (two `region remove`, an `upgrade` racing another) is decided by the log.
+    """
+    from pathlib import Path
+
+    from tidefs.replica.replica import Replica
+    from tidefs.replica.snapshot import rebuild_state
+
+    bars = Bars(args.quiet)
+    with (
+        _volume(args) as (lg, _info, stores),
+        tempfile.TemporaryDirectory(prefix="tidefs-region-", dir=args.work_dir) as work,
+    ):
+        state = rebuild_state(
+            lg, Path(work) / "state", stores=stores, volume=args.volume, progress=bars
+        )
+        try:
+            vol = state.volume()
+            assert vol is not None  # rebuild_state checked the volume's name
+            bars.finish()
+            command = check(state, vol, stores)
+            outcome = Replica(lg, state, vol.primary).submit(command)
+        finally:
+            state.close()
+    bars.finish()
+    return outcome, vol
+
+
+def _region_remove(args: argparse.Namespace) -> int:
+    """Append RemoveRegion once no live block has its only copy in that region's store."""
+    import errno as errno_names
+    import os
+
+    from tidefs.journal import features
+    from tidefs.journal.commands import RemoveRegion
+    from tidefs.replica.fetch import open_region_stores
+    from tidefs.replica.verify import sole_copies
+
+    name = args.region
+
+    def check(state: State, vol: VolumeInfo, stores: dict[str, BlockStore]) -> Command:
+        names = ", ".join(r.name for r in vol.regions)
+        if vol.region(name) is None:
+            raise _error(f"volume {args.volume} has no region {name!r} (regions: {names})")
+        if name == vol.primary:
+            raise _error(
+                f"region {name} is the primary of volume {args.volume}: it cannot be removed"
+            )
+        command = RemoveRegion(name)
+        feature = features.missing(command, state.features())
+        if feature is not None:
+            raise _error(features.not_enabled(feature, args.volume))
+        stores.update(open_region_stores([r for r in vol.regions if r.name not in stores]))
+        regions = {r.name: stores[r.name] for r in vol.regions}
+        try:
+            sole, unlisted = sole_copies(state, name, regions)
+        except Exception as exc:  # another region's store is unreachable: nothing is proven
+            raise _error(
+                f"cannot check where the live blocks are before removing region {name}: {exc}"
+            ) from exc
+        if sole:
+            why = f" ({unlisted})" if unlisted is not None else ""
+            other = vol.primary  # never the region removed
+            fix = (
+                f"tidefs sync --data on a mount of region {other}, or tidefs replicate "
+                f"{args.volume} --journal URL --region {other} --once"
+            )
+            raise _error(
+                f"{len(sole)} live block(s) have their only copy in region {name}{why}, e.g. "
+                f"{sole[0]}: copy them to another region first ({fix}), then remove it"
+            )
+        return command
+
+    outcome, _vol = _append_volume_command(args, check)
+    if not outcome.ok:
+        raise _error(
+            f"removing region {name!r} was refused by the volume: {os.strerror(outcome.errno)} "
+            f"({errno_names.errorcode.get(outcome.errno, outcome.errno)})"
+        )
+    _emit(
+        args,
+        {"volume": args.volume, "removed": name, "offset": outcome.offset},
+        [f"removed region {name} from volume {args.volume} at offset {outcome.offset}"],
+    )
+    return 0
+
+
+# -- upgrade -----------------------------------------------------------------------
+
+
+@_ops_errors
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Enable everything this tidefs knows once every region that published status knows it too."""
+    import errno as errno_names
+    import os
+
+    from tidefs.journal import features
+    from tidefs.replica.status import read_status
+
+    target = features.enable_all()
+    before: dict[str, Any] = {}
+
+    def check(state: State, vol: VolumeInfo, _stores: dict[str, BlockStore]) -> Command:
+        enabled = state.features()
+        before.update(schema_version=enabled.schema_version, features=sorted(enabled.features))
+        new = sorted(set(target.features) - enabled.features)
+        if target.schema_version <= enabled.schema_version and not new:
+            raise _AlreadyEnabled(enabled)
+        if not args.force:
+            statuses = read_status(args.journal, args.volume)
+            for region in (r.name for r in vol.regions):
+                st = statuses.get(region)
+                if st is None or not st.published or st.knows(target.schema_version, new):
+                    continue
+                knows = f"schema v{st.knows_schema}" if st.knows_schema else "an older schema"
+                raise _error(
+                    f"region {region} runs a tidefs that knows {knows}, not schema "
+                    f"v{target.schema_version}"
+                    + (f" with {', '.join(new)}" if new else "")
+                    + ": upgrade tidefs there first (tidefs status shows what each region "
+                    "knows), or pass --force"
+                )
+        return target
+
+    try:
+        outcome, _vol = _append_volume_command(args, check)
+    except _AlreadyEnabled as done:
+        _emit(
+            args,
+            {"volume": args.volume, "changed": False, **_level(done.enabled), "offset": None},
+            [f"volume {args.volume} already enables {done.enabled.describe()}"],
+        )
+        return 0
+    if not outcome.ok:
+        raise _error(
+            f"the upgrade was refused by the volume: {os.strerror(outcome.errno)} "
+            f"({errno_names.errorcode.get(outcome.errno, outcome.errno)})"
+        )
+    now = features.Enabled(
+        target.schema_version, frozenset(target.features) | frozenset(before["features"])
+    )
+    _emit(
+        args,
+        {
+            "volume": args.volume,
+            "changed": True,
+            **_level(now),
+            "offset": outcome.offset,
+            "before": before,
+        },
+        [f"volume {args.volume} now enables {now.describe()} (offset {outcome.offset})"],
+    )
+    return 0
+
+
+class _AlreadyEnabled(Exception):
+    def __init__(self, enabled: Enabled) -> None:
+        super().__init__("already enabled")
+        self.enabled = enabled
+
+
+def _level(enabled: Enabled) -> dict[str, Any]:
+    return {"schema_version": enabled.schema_version, "features": sorted(enabled.features)}
 
 
 def _region_add(args: argparse.Namespace) -> int:
@@ -816,11 +1004,27 @@ def register(
 
     sp = sub.add_parser(
         "region",
-        help="add a region to an existing volume",
-        description="tidefs region add VOLUME NAME=STORE_URL --journal URL",
+        help="add a region to an existing volume, or remove one",
+        description="tidefs region add VOLUME NAME=STORE_URL --journal URL | "
+        "tidefs region remove VOLUME NAME --journal URL",
     )
-    sp.add_argument("action", metavar="add")
+    sp.add_argument("action", metavar="add|remove")
     sp.add_argument("volume", metavar="VOLUME")
-    sp.add_argument("region", type=_region_spec, metavar="NAME=STORE_URL")
+    sp.add_argument("region", metavar="NAME=STORE_URL|NAME")
     common(sp)
-    sp.set_defaults(func=cmd_region)
+    sp.set_defaults(func=cmd_region, region_parser=sp)
+
+    sp = sub.add_parser(
+        "upgrade",
+        help="let the volume's writers use every schema version and feature this tidefs knows",
+        description="tidefs upgrade VOLUME --journal URL: refused while a region that published "
+        "its status runs a tidefs that does not know them (tidefs status), unless --force",
+    )
+    sp.add_argument("volume", metavar="VOLUME")
+    common(sp)
+    sp.add_argument(
+        "--force",
+        action="store_true",
+        help="enable even though a region's tidefs does not know it (its fold will stop there)",
+    )
+    sp.set_defaults(func=cmd_upgrade)

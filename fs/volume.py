@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
-from tidefs.journal import codec
+from tidefs.journal import codec, features
 from tidefs.journal.commands import CreateVolume, Envelope, Region
 from tidefs.journal.log import Log, open_log, redact_url
 from tidefs.replica.blocks import MAX_BLOCK_SIZE
@@ -32,6 +33,20 @@ DEFAULT_BLOCK_SIZE = 4 << 20
 
 DEFAULT_RETENTION_S = 7 * 24 * 3600
 """How long unreferenced blocks are kept before gc, so that a replay can bring files back."""
+
+
+REGION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+"""What a region name may be: it names directories, status rows and command-line arguments."""
+
+
+def region_name_problem(name: str) -> str | None:
+    """Return why `name` cannot name a region (one line), or None when it can."""
+    if REGION_NAME.fullmatch(name) is None:
+        return (
+            f"invalid region name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return None
 
 
 class VolumeError(Exception):
@@ -52,8 +67,9 @@ def validate_layout(
     if len(set(names)) != len(names):
         raise VolumeError(f"duplicate region names in {names}")
     for r in regions:
-        if not r.name or "/" in r.name or r.name != r.name.strip():
-            raise VolumeError(f"invalid region name {r.name!r}")
+        problem = region_name_problem(r.name)
+        if problem is not None:
+            raise VolumeError(problem)
         if not r.store_url:
             raise VolumeError(f"region {r.name!r} has no store URL")
     if primary not in names:
@@ -122,6 +138,7 @@ def format_volume(
     root_uid: int = 0,
     root_gid: int = 0,
     check_stores: bool = True,
+    schema_version: int | None = None,
 ) -> None:
     """Create `volume` in the log at `journal_url`, with its regions and layout.
 
@@ -129,10 +146,21 @@ def format_volume(
     a bad layout or an unreachable store, and the journal's errors as they are.
     Two concurrent formats cannot both win: only a record at offset 0 creates
     the volume (the fold rejects a later CreateVolume), so the loser is told.
+
+    The volume enables every schema version and feature this tidefs knows
+    (an EnableFeatures right after CreateVolume, in the same append), or those
+    up to `schema_version`: 1 writes no EnableFeatures, so that regions still
+    running a tidefs of schema v1 can read the volume until `tidefs upgrade`.
     """
     if not volume or "/" in volume:
         raise VolumeError(f"invalid volume name {volume!r}")
     validate_layout(regions, primary, chunk_size, block_size)
+    try:
+        enable = features.enable_up_to(
+            codec.CURRENT_VERSION if schema_version is None else schema_version
+        )
+    except ValueError as exc:
+        raise VolumeError(str(exc)) from exc
     command = CreateVolume(
         name=volume,
         regions=tuple(regions),
@@ -154,8 +182,15 @@ def format_volume(
             if log_.head() > 0:
                 raise VolumeExistsError(f"volume {volume!r} already exists in {shown}")
             now = time.time_ns()
-            payload = codec.encode(Envelope(command=command, origin=primary, timestamp_ns=now))
-            offset = log_.append(payload, now)
+            version = features.LEGACY_SCHEMA if enable is None else enable.schema_version
+            level = features.Enabled(version, frozenset())
+            envs = [Envelope(command=command, origin=primary, timestamp_ns=now)]
+            if enable is not None:
+                envs.append(Envelope(command=enable, origin=primary, timestamp_ns=now))
+            payloads = [
+                (codec.encode(env, features.write_version(env.command, level)), now) for env in envs
+            ]
+            offset = log_.append_many(payloads)[0]
             first = log_.start()
     if offset != first:
         raise VolumeExistsError(

@@ -10,10 +10,14 @@ replay from offset 0 reads records of every version ever released.
 
 The schema lives in `schemas/envelope.avsc` (the current version) and
 `schemas/history/envelope.vN.avsc` (every released version, the current one
-included). All versions are kept FULL_TRANSITIVE compatible: a field that one
-version lacks carries a default in the versions that have it. A record whose
-fingerprint is not among them was written by a newer tidefs; decoding it raises
-`UnknownSchemaError` rather than guessing, and the fold stops there.
+included). Versions are BACKWARD_TRANSITIVE: the current reader reads every
+older record (a field an older version lacks carries a default; union branches
+are only appended), but an older tidefs cannot read a newer command or field.
+So a writer encodes with the version its volume has enabled
+(`tidefs.journal.features`), and `encode` refuses what that version cannot
+carry rather than dropping it. A record whose fingerprint is not among them was
+written by a newer tidefs; decoding it raises `UnknownSchemaError` rather than
+guessing, and the fold stops there.
 
 Decoding is strict because the log is the source of truth (invariant 1): a
 record is either decoded completely, to its last byte, or rejected with
@@ -238,13 +242,51 @@ _to_envelope = _record_converter(CURRENT.schema, CURRENT.schema["__named_schemas
 # -- encode / decode ----------------------------------------------------------
 
 
-def _encode_with(envelope: Envelope, version: SchemaVersion) -> bytes:
+def _lacking(version: SchemaVersion) -> dict[type, tuple[tuple[str, Any], ...] | None]:
+    """Per command class: None if `version` has no such branch, else the fields it lacks."""
+    named = version.schema["__named_schemas"]
+    out: dict[type, tuple[tuple[str, Any], ...] | None] = {}
+    for cls in commands.COMMAND_TYPES:
+        schema = named.get(f"{NAMESPACE}.{cls.__name__}")
+        if schema is None:
+            out[cls] = None
+            continue
+        known = {f["name"] for f in schema["fields"]}
+        out[cls] = tuple(
+            (f.name, f.default) for f in dataclasses.fields(cls) if f.name not in known
+        )
+    return out
+
+
+_LACKING = {number: _lacking(v) for number, v in _versions.items()}
+
+
+def _check_expressible(envelope: Envelope, version: SchemaVersion) -> None:
+    """Raise CodecError when `version` cannot carry `envelope` without losing part of it."""
+    cmd = envelope.command
+    lacking = _LACKING[version.version][type(cmd)]
+    if lacking is None:
+        raise CodecError(
+            f"{type(cmd).__name__} does not exist in schema v{version.version}, the version "
+            "the volume has enabled: run tidefs upgrade"
+        )
+    for name, default in lacking:
+        if getattr(cmd, name) != default:
+            raise CodecError(
+                f"{type(cmd).__name__}.{name} does not exist in schema v{version.version}, the "
+                "version the volume has enabled: run tidefs upgrade"
+            )
+
+
+def _encode_with(envelope: Envelope, version: SchemaVersion, *, lossless: bool = True) -> bytes:
     # Checked here, not left to validation: a stray dataclass would otherwise
     # match the first union branch whose fields it satisfies (any dict is a Noop).
     if type(envelope) is not Envelope or type(envelope.command) not in _UNION_NAMES:
         raise CodecError(
             f"envelope does not fit schema: not an Envelope of a command: {envelope!r}"
         )
+    if lossless and version is not CURRENT:
+        _check_expressible(envelope, version)
     datum = _to_avro(envelope)
     try:
         # Strict: every field must be given; a default fills only what an older
@@ -260,13 +302,24 @@ def _encode_with(envelope: Envelope, version: SchemaVersion) -> bytes:
     return buf.getvalue()
 
 
-def encode(envelope: Envelope) -> bytes:
-    """Return the log record of `envelope`, written with the current schema.
+def encode(envelope: Envelope, version: int | None = None) -> bytes:
+    """Return the log record of `envelope`, written with schema `version` (default: current).
 
-    Raises CodecError when the envelope does not fit the schema (a wrong type,
-    an integer outside the signed 64-bit range, a request id not 16 bytes long).
+    Writers pass the version their volume has enabled (tidefs.journal.features),
+    so that every region's tidefs can read the record. Raises CodecError when
+    the envelope does not fit that schema (a wrong type, an integer outside the
+    signed 64-bit range, a request id not 16 bytes long, a command or a
+    non-default field that version lacks, a version this tidefs does not know).
     """
-    return _encode_with(envelope, CURRENT)
+    if version is None:
+        return _encode_with(envelope, CURRENT)
+    schema = VERSIONS.get(version)
+    if schema is None:
+        raise CodecError(
+            f"schema v{version} is unknown to this tidefs (it writes v{min(VERSIONS)}.."
+            f"v{CURRENT_VERSION}): upgrade tidefs"
+        )
+    return _encode_with(envelope, schema)
 
 
 def encode_writer(envelope: Envelope, version: int) -> bytes:
@@ -275,7 +328,7 @@ def encode_writer(envelope: Envelope, version: int) -> bytes:
     A test hook: fields that version lacks are dropped, so decoding yields
     their defaults. Raises KeyError for a version not in `VERSIONS`.
     """
-    return _encode_with(envelope, VERSIONS[version])
+    return _encode_with(envelope, VERSIONS[version], lossless=False)
 
 
 def decode(payload: bytes) -> Envelope:

@@ -251,6 +251,30 @@ class Noop:
     note: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class RemoveRegion:
+    """Remove a region from the volume (never the primary). Schema v2, feature region_remove.
+
+    The fold only checks the volume's record; that no live block has its only
+    copy in that region's store is checked by `tidefs region remove` first.
+    """
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class EnableFeatures:
+    """Let writers encode with `schema_version` and use `features` (schema v2).
+
+    Appended by `tidefs upgrade` (and by `format`, for everything its tidefs
+    knows) once every region runs a tidefs that knows them: a tidefs that does
+    not stops its fold just before this record (tidefs.journal.features).
+    """
+
+    schema_version: int
+    features: tuple[str, ...]
+
+
 Command = (
     CreateVolume
     | AddRegion
@@ -268,6 +292,8 @@ Command = (
     | CompactChunk
     | Reclaim
     | Noop
+    | RemoveRegion
+    | EnableFeatures
 )
 
 COMMAND_TYPES: tuple[type, ...] = (
@@ -287,6 +313,8 @@ COMMAND_TYPES: tuple[type, ...] = (
     CompactChunk,
     Reclaim,
     Noop,
+    RemoveRegion,
+    EnableFeatures,
 )
 
 

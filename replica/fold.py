@@ -67,6 +67,7 @@ from tidefs.journal.commands import (
     CommitSlice,
     CompactChunk,
     CreateVolume,
+    EnableFeatures,
     Envelope,
     Link,
     Mkdir,
@@ -75,6 +76,7 @@ from tidefs.journal.commands import (
     Outcome,
     Reclaim,
     Region,
+    RemoveRegion,
     RemoveXattr,
     Rename,
     Rmdir,
@@ -85,7 +87,10 @@ from tidefs.journal.commands import (
     Unlink,
     inode_for_offset,
 )
+from tidefs.journal.features import BY_NAME as FEATURES_BY_NAME
+from tidefs.journal.features import LEGACY, LEGACY_SCHEMA, Enabled, missing, used
 from tidefs.replica.keys import (
+    FEATURES_KEY,
     I64_MAX,
     I64_MIN,
     U32_MAX,
@@ -97,6 +102,7 @@ from tidefs.replica.keys import (
     chunk_prefix,
     decode_attr,
     decode_dirent,
+    decode_features,
     decode_outcome,
     decode_slices,
     decode_volume,
@@ -104,6 +110,7 @@ from tidefs.replica.keys import (
     dirent_prefix,
     encode_attr,
     encode_dirent,
+    encode_features,
     encode_outcome,
     encode_slice,
     encode_slices,
@@ -273,6 +280,14 @@ class _Tx:
             raise Reject(E.ENOENT)
         return decode_volume(raw)
 
+    def features(self) -> Enabled:
+        """Return what the volume has enabled (the legacy level before any EnableFeatures)."""
+        raw = self.get(FEATURES_KEY)
+        if raw is None:
+            return LEGACY
+        schema_version, names = decode_features(raw)
+        return Enabled(schema_version, names)
+
     def attr(self, ino: int) -> Attr | None:
         """Return the attributes of `ino`, None when it does not exist."""
         if not 0 < ino <= U64_MAX:
@@ -345,6 +360,8 @@ def _apply(tx: _Tx, env: Envelope) -> int:
         raise Reject(E.ENOSYS)
     if handler is not _create_volume and tx.get(VOLUME_KEY) is None:
         raise Reject(E.ENOENT)
+    if type(cmd) in _USES_FEATURES and used(cmd) and missing(cmd, tx.features()) is not None:
+        raise Reject(E.EOPNOTSUPP)  # the volume has not enabled what this command uses
     return handler(tx, cmd)
 
 
@@ -549,17 +566,52 @@ def _create_volume(tx: _Tx, c: CreateVolume) -> int:
     return ROOT_INODE
 
 
-def _add_region(tx: _Tx, c: AddRegion) -> int:
-    vol = tx.volume()
-    r = c.region
-    if not (r.name and fits_str16(r.name) and fits_str16(r.store_url)):
+def change_volume(
+    vol: VolumeInfo, enabled: Enabled, c: AddRegion | RemoveRegion | EnableFeatures
+) -> tuple[VolumeInfo, Enabled]:
+    """Return the volume record and enabled level after `c`, or raise Reject.
+
+    The fold's own rules for the commands that change the volume record, as a
+    pure function so that gc and status can follow the regions through the
+    log's tail exactly as the fold would, without folding it.
+    """
+    if missing(c, enabled) is not None:
+        raise Reject(E.EOPNOTSUPP)
+    if isinstance(c, AddRegion):
+        r = c.region
+        if not (r.name and fits_str16(r.name) and fits_str16(r.store_url)):
+            raise Reject(E.EINVAL)
+        if vol.region(r.name) is not None:
+            raise Reject(E.EEXIST)
+        if len(vol.regions) >= 0xFFFF:
+            raise Reject(E.ENOSPC)
+        return replace(vol, regions=(*vol.regions, Region(r.name, r.store_url))), enabled
+    if isinstance(c, RemoveRegion):
+        if vol.region(c.name) is None:
+            raise Reject(E.ENOENT)
+        if c.name == vol.primary:
+            raise Reject(E.EBUSY)
+        return replace(vol, regions=tuple(r for r in vol.regions if r.name != c.name)), enabled
+    level = max(enabled.schema_version, c.schema_version)
+    names = enabled.features | frozenset(c.features)
+    if not (
+        LEGACY_SCHEMA <= c.schema_version <= U32_MAX
+        and len(names) <= 0xFFFF
+        and all(n and fits_str16(n) for n in c.features)
+        # A feature needs its schema version (a tidefs that does not know it stopped before).
+        and all(f.schema_version <= level for n in names if (f := FEATURES_BY_NAME.get(n)))
+    ):
         raise Reject(E.EINVAL)
-    if vol.region(r.name) is not None:
-        raise Reject(E.EEXIST)
-    if len(vol.regions) >= 0xFFFF:
-        raise Reject(E.ENOSPC)
-    regions = (*vol.regions, Region(r.name, r.store_url))
-    tx.put(VOLUME_KEY, encode_volume(replace(vol, regions=regions)))
+    return vol, Enabled(level, names)
+
+
+def _volume_command(tx: _Tx, c: AddRegion | RemoveRegion | EnableFeatures) -> int:
+    vol, enabled = tx.volume(), tx.features()
+    new_vol, new_enabled = change_volume(vol, enabled, c)
+    if new_vol != vol:
+        tx.put(VOLUME_KEY, encode_volume(new_vol))
+    if new_enabled != enabled:
+        tx.put(FEATURES_KEY, encode_features(new_enabled.schema_version, new_enabled.features))
     return 0
 
 
@@ -932,7 +984,7 @@ def _noop(tx: _Tx, c: Noop) -> int:
 
 _HANDLERS: dict[type, Callable[[_Tx, Any], int]] = {
     CreateVolume: _create_volume,
-    AddRegion: _add_region,
+    AddRegion: _volume_command,
     Mknod: _mknod,
     Mkdir: _mkdir,
     Symlink: _symlink,
@@ -947,4 +999,9 @@ _HANDLERS: dict[type, Callable[[_Tx, Any], int]] = {
     CompactChunk: _compact_chunk,
     Reclaim: _reclaim,
     Noop: _noop,
+    RemoveRegion: _volume_command,
+    EnableFeatures: _volume_command,
 }
+
+_USES_FEATURES: frozenset[type] = frozenset(f.command for f in FEATURES_BY_NAME.values())
+"""The commands some feature uses: only those look the volume's features up."""

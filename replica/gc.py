@@ -17,7 +17,9 @@ block only when all of these hold:
    too. Regions publish their applied offsets in the status log
    (`tidefs.replica.status`); an operator can name a region's state directory
    instead. A region whose offset is unknown could be at offset -1, so then
-   nothing is deleted at all (the plan says which region is missing).
+   nothing is deleted at all (the plan says which region is missing). The
+   regions are those of the volume at the head: a region removed by
+   RemoveRegion no longer counts, and its store is left alone.
 3. Grace. Blocks are uploaded before the command that records them is
    appended, so a block that no command references yet may belong to a write
    in progress. Only blocks older than the grace period (by the store's
@@ -41,6 +43,7 @@ interrupted gc is simply run again: it recomputes the plan from scratch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -49,9 +52,17 @@ from pathlib import Path
 from typing import Any
 
 from tidefs.journal import codec
-from tidefs.journal.commands import AddRegion, CommitSlice, CompactChunk
+from tidefs.journal.commands import (
+    AddRegion,
+    CommitSlice,
+    CompactChunk,
+    EnableFeatures,
+    RemoveRegion,
+)
+from tidefs.journal.features import LEGACY
 from tidefs.journal.log import Log
 from tidefs.replica.blocks import BLOCKS_PREFIX, parse_block_key
+from tidefs.replica.fold import Reject, change_volume
 from tidefs.replica.restore import window_start
 from tidefs.replica.snapshot import rebuild_state, volume_from_log
 from tidefs.replica.store import BlockStore, open_store
@@ -96,6 +107,8 @@ class GcPlan:
     young: int = 0
     """Unreferenced blocks kept because they are younger than the grace."""
     garbage: list[Garbage] = field(default_factory=list)
+    regions: list[str] = field(default_factory=list)
+    """Every region of the volume at the head, whether it published an offset or not."""
     blocked: str | None = None
     """Why nothing may be deleted at all, when that is so."""
 
@@ -119,6 +132,7 @@ class GcPlan:
             "window_start": self.window_start,
             "protect_from": self.protect_from,
             "applied": self.applied,
+            "regions": self.regions,
             "referenced_slices": self.referenced,
             "blocks_listed": self.listed,
             "young_kept": self.young,
@@ -159,16 +173,18 @@ def plan_gc(
     head = log_.head()
     first_in_window = window_start(log_, info.retention_s, now)
     plan = GcPlan(volume, head, first_in_window, -1, dict(applied))
-    urls = {r.name: r.store_url for r in info.regions}
-    regions = set(urls)
-    unknown = sorted(r for r in regions if r not in applied)
-    if unknown:
-        plan.blocked = _unknown(unknown)
+    # The regions of the volume at the head decide, and only the log's tail says
+    # which those are (AddRegion, RemoveRegion): a region missing from `applied`
+    # blocks the plan after the scan, not here; the primary is never removed.
+    if info.primary not in applied:
+        plan.blocked = _unknown([info.primary])
+        plan.regions = [r.name for r in info.regions]
         return plan
-    lowest = min(applied[r] for r in regions)
+    lowest = min((applied[r.name] for r in info.regions if r.name in applied), default=-1)
     start = min(first_in_window - 1, lowest, head - 1)
     plan.protect_from = start
     referenced: set[int] = set()
+    vol, enabled = info, LEGACY
     if start >= 0:
         state = rebuild_state(
             log_,
@@ -179,10 +195,9 @@ def plan_gc(
             progress=progress,
         )
         try:
-            vol = state.volume()
-            assert vol is not None
-            urls.update((r.name, r.store_url) for r in vol.regions)
-            regions |= set(urls)
+            at_start = state.volume()
+            assert at_start is not None
+            vol, enabled = at_start, state.features()
             referenced.update(ref.slice_id for _i, _c, ref in state.iter_live_slices())
         finally:
             state.close()
@@ -203,13 +218,17 @@ def plan_gc(
             command = codec.decode(rec.payload).command
             if isinstance(command, CommitSlice | CompactChunk):
                 referenced.add(command.slice.slice_id)
-            elif isinstance(command, AddRegion):
-                regions.add(command.region.name)
-                urls.setdefault(command.region.name, command.region.store_url)
+            elif isinstance(command, AddRegion | RemoveRegion | EnableFeatures):
+                # By the fold's own rules: a refused command changes nothing.
+                with contextlib.suppress(Reject):
+                    vol, enabled = change_volume(vol, enabled, command)
         offset = records[-1].offset + 1
         if progress is not None:
             progress("records scanned", offset - start - 1, head - start - 1)
     plan.referenced = len(referenced)
+    urls = {r.name: r.store_url for r in vol.regions}
+    regions = set(urls)
+    plan.regions = sorted(regions)
     unknown = sorted(r for r in regions if r not in applied)
     if unknown:
         plan.blocked = _unknown(unknown)
@@ -242,8 +261,8 @@ def plan_gc(
 def _unknown(regions: list[str]) -> str:
     return (
         f"region(s) {', '.join(regions)} published no applied offset: such a region may still "
-        "need any block, so nothing can be deleted (start its mount, or name its state "
-        "directory with --state-dir NAME=DIR)"
+        "need any block, so nothing can be deleted (start its mount, name its state "
+        "directory with --state-dir NAME=DIR, or remove the region: tidefs region remove)"
     )
 
 

@@ -9,6 +9,8 @@ numeric order and every "all X of inode N" question is one prefix scan:
                                                      digest, format, outcome window, and
                                                      each outcome generation's digest share
     V    V                                           the volume record
+    F    F                                           the schema version and features the
+                                                     volume enabled (absent: legacy level)
     I    I + ino                                     inode attributes (Attr)
     S    S + ino                                     symlink target
     P    P + ino                                     parent of a directory (for `..` and
@@ -66,6 +68,7 @@ TAG_CHUNK = b"C"
 TAG_XATTR = b"X"
 TAG_ORPHAN = b"O"
 TAG_OUTCOME = b"R"
+TAG_FEATURES = b"F"
 
 META_APPLIED = TAG_META + b"applied"
 META_DIGEST = TAG_META + b"digest"
@@ -74,6 +77,7 @@ META_WINDOW = TAG_META + b"window"
 META_GENSUM = TAG_META + b"gen"
 
 VOLUME_KEY = TAG_VOLUME
+FEATURES_KEY = TAG_FEATURES
 LIVE_START = b"\x01"
 """Every live (digested) key sorts at or after this; every meta key before it."""
 
@@ -405,6 +409,24 @@ def decode_volume(data: bytes) -> VolumeInfo:
         url, at = _unpack_str(data, at)
         regions.append(Region(rname, url))
     return VolumeInfo(name, tuple(regions), primary, chunk_size, block_size, retention_s)
+
+
+def encode_features(schema_version: int, names: Iterable[str]) -> bytes:
+    """Pack what a volume enabled: the schema version, then its feature names, sorted."""
+    ordered = sorted(set(names))
+    return _U32.pack(schema_version) + _U16.pack(len(ordered)) + b"".join(map(_pack_str, ordered))
+
+
+def decode_features(data: bytes) -> tuple[int, frozenset[str]]:
+    """Return (schema version, feature names) of an `encode_features` value."""
+    (schema_version,) = _U32.unpack_from(data, 0)
+    (n,) = _U16.unpack_from(data, _U32.size)
+    at = _U32.size + _U16.size
+    names = []
+    for _ in range(n):
+        name, at = _unpack_str(data, at)
+        names.append(name)
+    return schema_version, frozenset(names)
 
 
 def fits_str16(s: str) -> bool:

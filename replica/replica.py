@@ -14,8 +14,9 @@ the committer's own thread from the payloads it already holds. Only one
 thread folds at a time (the fold lock), each record exactly once, in log
 order, so the state is the same function of the log whoever folds it.
 
-A record that cannot be decoded (a schema from a newer tidefs, corrupt bytes)
-stops the fold at that offset without changing state; `submit` and `wait_*`
+A record that cannot be decoded (a schema from a newer tidefs, corrupt bytes),
+or that enables a feature this tidefs does not know, stops the fold at that
+offset without changing state; `submit` and `wait_*`
 then raise `FoldStopped` instead of waiting forever.
 """
 
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from tidefs import telemetry
-from tidefs.journal import codec
+from tidefs.journal import codec, features
 from tidefs.journal.commands import Command, Envelope, Outcome, new_request_id
 from tidefs.journal.log import JournalUnavailable, Log, Record
 from tidefs.replica.state import ApplyResult, State
@@ -60,7 +61,8 @@ class CommandRejected(ReplicaError):
 def apply_records(state: State, records: Sequence[Record]) -> ApplyResult:
     """Decode and fold `records` in one batch.
 
-    A record that cannot be decoded stops the fold there: everything before it
+    A record that cannot be decoded, or that enables a schema version or
+    feature this tidefs does not know, stops the fold there: everything before it
     is applied, so the state rests at the exact offset before the bad record,
     and the codec error (naming that offset) is raised.
     """
@@ -68,7 +70,9 @@ def apply_records(state: State, records: Sequence[Record]) -> ApplyResult:
     error: codec.CodecError | None = None
     for rec in records:
         try:
-            decoded.append((rec.offset, codec.decode(rec.payload)))
+            env = codec.decode(rec.payload)
+            features.check_known(env)
+            decoded.append((rec.offset, env))
         except codec.CodecError as exc:
             error = type(exc)(f"record at offset {rec.offset}: {exc}")
             break
@@ -317,11 +321,12 @@ class Replica:
         results: list[Outcome | CommandRejected | None] = [None] * len(commands)
         envs: list[tuple[int, Envelope]] = []
         entries: list[tuple[bytes, int | None]] = []
+        enabled = self.state.features()
         for i, (cmd, rid) in enumerate(commands):
             env = Envelope(command=cmd, origin=self.region, timestamp_ns=now, request_id=rid)
             try:
-                entries.append((codec.encode(env), now))
-            except codec.CodecError as exc:
+                entries.append((self._encode(env, enabled), now))
+            except (codec.CodecError, CommandRejected) as exc:
                 results[i] = CommandRejected(f"{type(cmd).__name__} cannot be logged: {exc}")
                 continue
             envs.append((i, env))
@@ -360,6 +365,18 @@ class Replica:
                 raise ReplicaError(f"no outcome recorded for the command at offset {offset}")
             results[i] = outcome
         return [r for r in results if r is not None]
+
+    def _encode(self, env: Envelope, enabled: features.Enabled) -> bytes:
+        """Encode `env` with the schema version the volume enabled, so every region reads it.
+
+        Raises CommandRejected when the command uses a feature the volume has
+        not enabled, and CodecError when it does not fit the schema.
+        """
+        feature = features.missing(env.command, enabled)
+        if feature is not None:
+            vol = self.state.volume()
+            raise CommandRejected(features.not_enabled(feature, vol.name if vol else "VOLUME"))
+        return codec.encode(env, features.write_version(env.command, enabled))
 
     def _append_own(self, entries: Sequence[tuple[bytes, int | None]]) -> list[int]:
         """One attempt to append a batch that this thread folds itself (`_fold_own`).
@@ -438,7 +455,7 @@ class Replica:
             timestamp_ns=time.time_ns() if timestamp_ns is None else timestamp_ns,
             request_id=request_id or new_request_id(),
         )
-        payload = codec.encode(env)
+        payload = self._encode(env, self.state.features())
         deadline = time.monotonic() + timeout
         with telemetry.tracer.start_as_current_span(
             telemetry.SPAN_SUBMIT,

@@ -55,6 +55,7 @@ from rocksdict import (
 
 from tidefs import private
 from tidefs.journal.commands import Envelope, Outcome, SliceRef
+from tidefs.journal.features import LEGACY, Enabled
 from tidefs.replica import keys as K
 from tidefs.replica.fold import OUTCOME_WINDOW, fold_record, merge_scan
 from tidefs.replica.keys import Attr, VolumeInfo
@@ -461,6 +462,14 @@ class State:
         """Return the volume record, None before CreateVolume was applied."""
         raw = self._db.get(K.VOLUME_KEY)
         return None if raw is None else K.decode_volume(raw)
+
+    def features(self) -> Enabled:
+        """Return the schema version and features the volume has enabled (legacy before any)."""
+        raw = self._db.get(K.FEATURES_KEY)
+        if raw is None:
+            return LEGACY
+        schema_version, names = K.decode_features(raw)
+        return Enabled(schema_version, names)
 
     def getattr(self, ino: int) -> Attr | None:
         """Return the attributes of inode `ino`, None when it does not exist."""

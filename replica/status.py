@@ -32,10 +32,12 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tidefs.journal import codec, features
+from tidefs.journal.commands import AddRegion, CreateVolume, RemoveRegion
 from tidefs.journal.log import JournalError, Log, open_log
 
 if TYPE_CHECKING:
@@ -80,7 +82,16 @@ class RegionStatus:
     fallback_bytes: int = 0
     apply_delay_p99_s: float = 0.0
     state_before_log_start: bool = False
+    knows_schema: int = 0
+    """The newest schema version its tidefs knows (0: it did not say, an older tidefs)."""
+    knows_features: list[str] = field(default_factory=list)
+    published: bool = True
+    """False for a region of the volume that never published a report."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def knows(self, schema_version: int, names: Iterable[str]) -> bool:
+        """Whether this region's tidefs knows `schema_version` and every feature in `names`."""
+        return schema_version <= self.knows_schema and set(names) <= set(self.knows_features)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON shape of `tidefs status --json` for one region."""
@@ -184,6 +195,11 @@ def digest_fields(state: State) -> dict[str, Any]:
     return {"digest_offset": offset, "digest": digest.hex()}
 
 
+def knowledge_fields() -> dict[str, Any]:
+    """What this tidefs can read, so that `tidefs upgrade` knows when every region can."""
+    return {"knows_schema": codec.CURRENT_VERSION, "knows_features": sorted(features.KNOWN)}
+
+
 def region_fields(
     replica: Replica,
     *,
@@ -195,11 +211,17 @@ def region_fields(
     A mount passes its fetcher's statistics (fallback reads) and its replicator
     when it runs one; `tidefs replicate` passes only its replicator.
     """
+    vol = replica.state.volume()
     fields: dict[str, Any] = {
         "applied_offset": replica.applied,
         "apply_delay_p99_s": round(replica.delays.p99(), 6),
         **digest_fields(replica.state),
+        **knowledge_fields(),
     }
+    if vol is not None:
+        # At about the applied offset: `tidefs status` follows the log's tail from there.
+        fields["volume_regions"] = [r.name for r in vol.regions]
+        fields["volume_primary"] = vol.primary
     if fetch_stats is not None:
         st = fetch_stats()
         fields["fallback_reads"] = st.fallback_reads
@@ -260,13 +282,42 @@ MountKey = tuple[str, str, str]
 
 
 def read_status(
-    journal_url: str, volume: str, *, metadata_log: Log | None = None
+    journal_url: str,
+    volume: str,
+    *,
+    metadata_log: Log | None = None,
+    every_region: bool = False,
 ) -> dict[str, RegionStatus]:
     """Return the newest status of every region that ever published, with lag computed now.
 
     Of a region with several mounts, the one whose report is newest in the log stands for it.
+    With `every_region`, a region of the volume that never published is listed
+    too (`published` False, applied offset -1), so that none goes unnoticed.
     """
-    return newest_per_region(read_mounts(journal_url, volume, metadata_log=metadata_log))
+    own = metadata_log is None
+    mlog = metadata_log if metadata_log is not None else open_log(journal_url, volume)
+    try:
+        out = newest_per_region(read_mounts(journal_url, volume, metadata_log=mlog))
+        return with_silent_regions(mlog, out) if every_region else out
+    finally:
+        if own:
+            mlog.close()
+
+
+def with_silent_regions(mlog: Log, regions: dict[str, RegionStatus]) -> dict[str, RegionStatus]:
+    """`regions` and every other region of the volume, those listed with `published` False."""
+    out = dict(regions)
+    reports = [{"applied_offset": st.applied_offset, **st.extra} for st in regions.values()]
+    for region in volume_regions(mlog, reports):
+        if region not in out:
+            out[region] = RegionStatus(
+                region=region,
+                applied_offset=-1,
+                published_ns=0,
+                lag_records=mlog.head(),
+                published=False,
+            )
+    return dict(sorted(out.items()))
 
 
 def newest_per_region(mounts: dict[MountKey, RegionStatus]) -> dict[str, RegionStatus]:
@@ -303,7 +354,9 @@ def read_mounts(
                 first_missing = mlog.read(max(applied + 1, m_start), max_records=1, timeout=1.0)
                 if first_missing:
                     lag_seconds = max(0.0, (time.time_ns() - first_missing[0].timestamp_ns) / 1e9)
-            known = {f for f in RegionStatus.__dataclass_fields__ if f != "extra"}
+            known = {
+                f for f in RegionStatus.__dataclass_fields__ if f not in ("extra", "published")
+            }
             status = RegionStatus(
                 region=region,
                 applied_offset=applied,
@@ -320,6 +373,8 @@ def read_mounts(
                 fallback_bytes=int(rep.get("fallback_bytes", 0)),
                 apply_delay_p99_s=float(rep.get("apply_delay_p99_s", 0.0)),
                 state_before_log_start=applied + 1 < m_start,
+                knows_schema=int(rep.get("knows_schema", 0)),
+                knows_features=sorted(str(f) for f in rep.get("knows_features", ())),
                 extra={k: v for k, v in rep.items() if k not in known},
             )
             out[region, host, mount_id] = status
@@ -327,3 +382,61 @@ def read_mounts(
     finally:
         if own:
             mlog.close()
+
+
+REGION_SCAN_RECORDS = 200_000
+"""Longest tail of the metadata log `volume_regions` reads to follow AddRegion and RemoveRegion."""
+
+
+def volume_regions(mlog: Log, reports: Iterable[dict[str, Any]]) -> list[str]:
+    """Return the names of the volume's regions at the log's head, those that never published too.
+
+    Starts from the regions the most advanced report lists (its state's volume
+    record) and follows AddRegion and RemoveRegion through the rest of the log;
+    without such a report, from CreateVolume at offset 0. A log trimmed below
+    every report's offset, or a tail longer than `REGION_SCAN_RECORDS` (no
+    region runs a tidefs that publishes its regions), leaves only the
+    reporting regions known (an empty list): status must stay quick.
+    """
+    best: dict[str, Any] | None = None
+    for rep in reports:
+        if isinstance(rep.get("volume_regions"), list) and (
+            best is None or int(rep.get("applied_offset", -1)) > int(best["applied_offset"])
+        ):
+            best = rep
+    if best is not None:
+        names = [str(n) for n in best["volume_regions"]]
+        primary = str(best.get("volume_primary", ""))
+        offset = int(best["applied_offset"]) + 1
+    else:
+        if mlog.start() > 0 or mlog.head() == 0:
+            return []
+        first = mlog.read(0, max_records=1, timeout=1.0)
+        if not first:
+            return []
+        try:
+            create = codec.decode(first[0].payload).command
+        except codec.CodecError:
+            return []
+        if not isinstance(create, CreateVolume):
+            return []
+        names, primary, offset = [r.name for r in create.regions], create.primary, 1
+    head = mlog.head()
+    offset = max(offset, mlog.start())
+    if head - offset > REGION_SCAN_RECORDS:
+        return []
+    while offset < head:
+        records = mlog.read(offset, max_records=1000, timeout=1.0)
+        if not records:
+            break
+        for rec in records:
+            try:
+                cmd = codec.decode(rec.payload).command
+            except codec.CodecError:
+                return names  # a newer tidefs wrote the rest: as far as this one can read
+            if isinstance(cmd, AddRegion) and cmd.region.name not in names:
+                names.append(cmd.region.name)
+            elif isinstance(cmd, RemoveRegion) and cmd.name != primary and cmd.name in names:
+                names.remove(cmd.name)
+        offset = records[-1].offset + 1
+    return names

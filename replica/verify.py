@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +51,7 @@ from typing import Any
 from tidefs.journal.commands import SliceRef
 from tidefs.journal.log import Log
 from tidefs.replica import keys as K
-from tidefs.replica.blocks import block_key
+from tidefs.replica.blocks import BLOCKS_PREFIX, block_key
 from tidefs.replica.fetch import BlockFetcher, blocks_needed
 from tidefs.replica.replica import fold_range
 from tidefs.replica.state import State
@@ -285,6 +285,7 @@ def verify_reports(
     log_: Log,
     replay: Callable[[int], State],
     *,
+    regions: Iterable[str] = (),
     progress: Report | None = None,
 ) -> JournalVerifyResult:
     """Check every region's reported (offset, digest) pairs against one replay of the log.
@@ -295,7 +296,8 @@ def verify_reports(
     it is called once, with the lowest reported offset that the log still
     holds, and the state is then folded forward once, stopping at each
     reported offset to read the digest. Raises VerifyError when no region
-    reported a digest.
+    reported a digest. A region of `regions` (the volume's) that reported
+    nothing is listed as not checked, so that none goes unnoticed.
     """
     if not any(reports.values()):
         raise VerifyError("no region has published a digest to the status log")
@@ -358,7 +360,16 @@ def verify_reports(
         ]
         if replayed[newest_o] is None:
             r.detail = f"it reported offset {newest_o}, past the log's head"
-    return JournalVerifyResult(start, list(out.values()))
+    for region in regions:
+        if region not in out:
+            out[region] = ReportedRegion(
+                region,
+                -1,
+                "",
+                detail="it never published a digest to the status log (is it running? "
+                "a region that is gone: tidefs region remove)",
+            )
+    return JournalVerifyResult(start, [out[name] for name in sorted(out)])
 
 
 def _diffs(states: Mapping[str, State], digests: list[RegionDigest], limit: int) -> list[KeyDiff]:
@@ -415,6 +426,8 @@ def describe_key(key: bytes) -> str:
     try:
         if tag == K.TAG_VOLUME:
             return "the volume record"
+        if tag == K.TAG_FEATURES:
+            return "the volume's enabled schema version and features"
         if tag == K.TAG_INODE:
             return f"attributes of inode {K.key_inode(key)}"
         if tag == K.TAG_SYMLINK:
@@ -552,6 +565,36 @@ def live_blocks(state: State) -> tuple[int, list[tuple[SliceRef, int]]]:
             widest[ref.slice_id] = ref
     items = [(ref, i) for _sid, ref in sorted(widest.items()) for i in range(blocks_needed(ref))]
     return len(widest), items
+
+
+def sole_copies(
+    state: State, region: str, stores: Mapping[str, BlockStore]
+) -> tuple[list[str], str | None]:
+    """Return the live blocks whose only copy may be in `region`'s store, sorted.
+
+    A live block held by another region's store in `stores` is safe. Of the
+    others, those `region`'s store holds are returned; when its store cannot
+    be listed, every one of them is (with the reason as the second value),
+    since nothing proves they are not there. A block no store holds at all
+    is lost already and not counted.
+    """
+    _slices, items = live_blocks(state)
+    if not items:
+        return [], None
+    elsewhere: set[str] = set()
+    for name, store in stores.items():
+        if name != region:
+            elsewhere.update(store.list(BLOCKS_PREFIX))
+    needed = sorted(
+        {key for ref, i in items if (key := block_key(ref.slice_id, i)) not in elsewhere}
+    )
+    if not needed:
+        return [], None
+    try:
+        there = set(stores[region].list(BLOCKS_PREFIX))
+    except Exception as exc:  # unreachable, or never created: it cannot vouch for anything
+        return needed, f"its store cannot be listed: {exc}"
+    return [key for key in needed if key in there], None
 
 
 def fsck(

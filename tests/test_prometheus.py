@@ -162,7 +162,7 @@ def test_a_replicator_endpoint_without_prometheus_still_serves(tmp_path: Path) -
         )
         (labels, offset) = samples[telemetry.APPLIED_OFFSET.prometheus][0]
         assert labels["volume"] == "vol" and labels["region"] == "east"
-        assert offset == 0  # the CreateVolume record
+        assert offset == 1  # CreateVolume and the EnableFeatures of this tidefs
         assert telemetry.BACKLOG_BLOCKS.prometheus in samples
     finally:
         proc.terminate()

@@ -113,14 +113,16 @@ def test_a_replicate_only_region_publishes_its_status(tmp_path: Path) -> None:
     cli("replicate", "vol", "--journal", journal, "--region", "b", "--once",
         "--state-dir", str(tmp_path / "replicate-b"))  # fmt: skip
     status = json.loads(cli("status", "vol", "--journal", journal, "--json"))
-    assert set(status) == {"b"}
-    assert status["b"]["applied_offset"] == 0 and status["b"]["backlog_blocks"] == 0
+    assert {n for n, st in status.items() if st["published"]} == {"b"}
+    assert set(status) == {"a", "b"}  # a never published: listed all the same
+    # Offset 1: format appends CreateVolume and the EnableFeatures of this tidefs.
+    assert status["b"]["applied_offset"] == 1 and status["b"]["backlog_blocks"] == 0
 
     cli("replay", "vol", "--journal", journal, "--state-dir", str(tmp_path / "a"), "-q")
     gc = json.loads(
         cli("gc", "vol", "--journal", journal, "--json", "--state-dir", f"a={tmp_path / 'a'}")
     )
-    assert gc["blocked"] is None and gc["applied"] == {"a": 0, "b": 0}
+    assert gc["blocked"] is None and gc["applied"] == {"a": 1, "b": 1}
 
 
 def test_published_digests_match_a_replay_even_while_the_fold_runs(
@@ -191,6 +193,8 @@ def test_every_mount_of_a_region_is_a_row(tmp_path: Path) -> None:
     journal = f"sqlite://{tmp_path / 'log.db'}"
     regions = [Region(n, (tmp_path / f"store-{n}").as_uri()) for n in ("a", "b")]
     format_volume(journal, "vol", regions, "a")
+    with open_log(journal, "vol") as lg:
+        last = lg.head() - 1  # the offset a replicate that read everything has applied
 
     def cli(*args: str) -> str:
         return subprocess.run(
@@ -214,7 +218,7 @@ def test_every_mount_of_a_region_is_a_row(tmp_path: Path) -> None:
 
     status = json.loads(cli("status", "vol", "--journal", journal, "--json"))
     assert set(status) == {"a", "b"}
-    assert status["b"]["applied_offset"] == 0  # the region's newest report, as before
+    assert status["b"]["applied_offset"] == last  # the region's newest report, as before
     rows = status["b"]["mounts"]
     assert sorted(r["mount_id"] for r in rows) == sorted(ids)
     assert {r["host"] for r in rows} == {host}
@@ -234,4 +238,4 @@ def test_every_mount_of_a_region_is_a_row(tmp_path: Path) -> None:
     gc = json.loads(
         cli("gc", "vol", "--journal", journal, "--json", "--state-dir", f"a={tmp_path / 'a'}")
     )
-    assert gc["blocked"] is None and gc["applied"] == {"a": 0, "b": 0}
+    assert gc["blocked"] is None and gc["applied"] == {"a": last, "b": last}
