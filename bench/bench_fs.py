@@ -952,13 +952,14 @@ def parse_workloads(spec: str | None) -> set[str]:
 
 
 def store_keys(target: Target) -> set[str]:
-    """The keys in the target's block store now (none for a target without a store)."""
+    """The keys of the blocks in the target's store now (none for a target without a store)."""
     if target.store_url is None:
         return set()
+    from tidefs.replica.blocks import BLOCKS_PREFIX
     from tidefs.replica.store import open_store
 
     with open_store(target.store_url) as store:
-        return set(store.list())
+        return set(store.list(BLOCKS_PREFIX))  # not snapshots: they are no file's blocks
 
 
 def bench_target(
