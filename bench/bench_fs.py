@@ -205,15 +205,24 @@ def _overwrite(d: Path, s: Scale) -> Done:
 
 def _durable_pages(fd: int, page: bytes, offsets: list[int]) -> Done:
     """`pwrite` + `fsync` of `page` at each offset in turn, until the step's deadline."""
-    latencies = []
-    started = time.perf_counter()
-    for off in _in_time(offsets):
-        t0 = time.perf_counter()
+
+    def durable_page(off: int) -> None:
         os.pwrite(fd, page, off)
         os.fsync(fd)
+
+    return _each_timed(offsets, durable_page)
+
+
+def _each_timed(items: Sequence[T], op: Callable[[T], object]) -> Done:
+    """`op` on each item in turn until the deadline, with the median latency of one (`p50`)."""
+    latencies = []
+    started = time.perf_counter()
+    for item in _in_time(items):
+        t0 = time.perf_counter()
+        op(item)
         latencies.append(time.perf_counter() - t0)
     p50 = statistics.median(latencies) if latencies else None
-    return Done(len(latencies), time.perf_counter() - started, len(offsets), p50=p50)
+    return Done(len(latencies), time.perf_counter() - started, len(items), p50=p50)
 
 
 def _append(d: Path, s: Scale) -> Done:
@@ -549,16 +558,13 @@ def _raw_put(d: Path, s: Scale) -> Done:
     if url.scheme == "s3":
         client, bucket, prefix = _s3_client(url)
         client.put_object(Bucket=bucket, Key=f"{prefix}-raw/warm-up", Body=page)  # connect
-        latencies = []
-        started = time.perf_counter()
-        for i in _in_time(range(s.overwrites)):
-            t0 = time.perf_counter()
-            client.put_object(Bucket=bucket, Key=f"{prefix}-raw/{i}", Body=page)
-            latencies.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - started
-        client.close()
-        p50 = statistics.median(latencies) if latencies else None
-        return Done(len(latencies), elapsed, s.overwrites, p50=p50)
+        try:
+            return _each_timed(
+                range(s.overwrites),
+                lambda i: client.put_object(Bucket=bucket, Key=f"{prefix}-raw/{i}", Body=page),
+            )
+        finally:
+            client.close()
     path = Path(url.path).parent / "raw-put"
     fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
     try:
