@@ -293,7 +293,8 @@ class State:
         if raw is not None and K.decode_u32(raw) != K.FORMAT_VERSION:
             raise StateError(
                 f"the state at {self.path} has key format {K.decode_u32(raw)}; "
-                f"this tidefs reads format {K.FORMAT_VERSION}: replay it into a new directory"
+                f"this tidefs reads format {K.FORMAT_VERSION}: replay it into a new directory "
+                "(a mount rebuilds an empty state directory from a snapshot and the log)"
             )
         stored = self._db.get(K.META_WINDOW)
         if stored is not None:

@@ -173,5 +173,8 @@ def test_a_state_of_the_previous_key_format_is_refused_with_a_clear_message(
     with State.open(tmp_path / "s") as state:
         state.apply(_volume())
         state._db.put(K.META_FORMAT, K.encode_u32(K.FORMAT_VERSION - 1))
-    with pytest.raises(StateError, match=r"key format 2; this tidefs reads format 3: replay"):
+    with pytest.raises(
+        StateError,
+        match=r"key format 2; this tidefs reads format 3: replay it into a new directory",
+    ):
         State.open(tmp_path / "s")

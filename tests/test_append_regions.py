@@ -148,3 +148,22 @@ def test_a_writer_reads_its_own_appends_at_once_while_others_append(
     final_a = (a.path / "app.log").read_bytes()
     assert final_a == (b.path / "app.log").read_bytes()
     _check_lines(final_a, "ab", per_region)
+
+
+def test_a_mount_refuses_a_state_of_the_previous_key_format_in_one_line(
+    mount_factory: MountFactory,
+) -> None:
+    from tidefs.replica import keys as K
+    from tidefs.replica.state import State
+
+    m = mount_factory()
+    (m.path / "f").write_bytes(b"x")
+    m.stop()
+    with State.open(m.state_dir) as state:
+        state._db.put(K.META_FORMAT, K.encode_u32(K.FORMAT_VERSION - 1))
+    with pytest.raises(RuntimeError) as failed:
+        m.start()
+    assert "has key format 2; this tidefs reads format 3: replay it into a new directory" in str(
+        failed.value
+    )
+    assert "Traceback" not in str(failed.value)
