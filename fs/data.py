@@ -940,6 +940,13 @@ class DataPath:
             raise DataError(errno.EBADF, f"unknown file handle {fh}")
         buf = self._buffers.get(of.ino)
         if buf is not None and buf.appends:
+            # An append not folded yet has no final place: shown where the end is
+            # now, a later read (after the fold put another region's bytes first)
+            # would find it further on and a reader reading in steps would see it
+            # twice. So a read commits this mount's appends first and reads them
+            # where they landed; only appends written during the read are laid out.
+            self.flush(of.ino)
+        if buf is not None and buf.appends:
             overlays, appended_end = self._append_overlays(buf, off, off + size)
         else:
             overlays = buf.snapshot(off, off + size) if buf is not None else []

@@ -7,7 +7,8 @@ and each writer's lines in the order it wrote them. (Before appends were
 placed by the fold, each writer's line went where its mount believed the end
 was, and two regions' lines overwrote each other: 120 of 200 lines remained.)
 
-A writer also reads its own appends at once through its mount, before and
+A writer also reads its own appends at once through its mount (a handle
+opened with O_APPEND, which bypasses the kernel's page cache), before and
 after they are folded and moved behind other regions' lines: never a gap
 (zeros), never a line twice.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,10 +27,14 @@ from tests.harness.mount import TEST_BLOCK_SIZE, MountFactory, TidefsMount
 from tidefs.fs.mount import sync_mount
 from tidefs.fs.volume import format_volume
 from tidefs.journal.commands import Region
+from tidefs.replica.blocks import block_key
+from tidefs.replica.fetch import blocks_needed
+from tidefs.replica.state import State
+from tidefs.replica.store import open_store
 
 pytestmark = pytest.mark.fuse
 
-CHUNK = 4096
+CHUNK = 1024
 """Small chunks: the log file crosses many chunk boundaries, mid-line."""
 
 
@@ -45,7 +51,11 @@ def _regions(
         chunk_size=CHUNK,
         block_size=min(TEST_BLOCK_SIZE, CHUNK),
     )
-    return [mount_factory(volume=volume, journal_url=journal_url, region=r) for r in names]
+    # No compaction: it would replace the appended slices (and fetch them meanwhile).
+    extra = ["--compact-threshold", "0"]
+    return [
+        mount_factory(volume=volume, journal_url=journal_url, region=r, extra=extra) for r in names
+    ]
 
 
 def _sync(mounts: list[TidefsMount]) -> None:
@@ -72,6 +82,23 @@ def _run_all(workers: list[Callable[[], None]]) -> None:
     for t in threads:
         t.join(300)
     assert not errors, errors
+
+
+def _read_appending(path: Path) -> bytes:
+    """Read a whole file through a handle opened with O_APPEND: what the mount itself answers.
+
+    Such a handle bypasses the kernel's page cache (direct I/O), whose copy of
+    the file may still hold an append where the kernel believed the end was
+    until the mount's invalidation reaches it.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_APPEND)
+    try:
+        parts = []
+        while chunk := os.read(fd, 1 << 20):
+            parts.append(chunk)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 def _check_lines(data: bytes, regions: str, count: int | None) -> None:
@@ -110,10 +137,37 @@ def test_concurrent_appenders_in_every_region_lose_no_line(
 
     _run_all([appender(m) for m in mounts])
     _sync(mounts)
+    # Each region's replicator copies every appended slice, whichever chunks its
+    # parts landed in (the command does not say); checked before any read here,
+    # which would write fetched blocks back.
+    for m in mounts:
+        _wait_for_local_blocks(m, tmp_path / f"store-{m.region}")
     contents = [(m.path / "app.log").read_bytes() for m in mounts]
     assert all(c == contents[0] for c in contents), "the regions disagree"
     _check_lines(contents[0], "abc"[:n], per_region)
     assert os.stat(mounts[-1].path / "app.log").st_size == len(contents[0])
+
+
+def _wait_for_local_blocks(m: TidefsMount, store_dir: Path, timeout: float = 90.0) -> None:
+    state = State.open(str(m.state_dir), read_only=True)
+    try:
+        keys = {
+            block_key(ref.slice_id, i)
+            for _ino, _chunk, ref in state.iter_live_slices()
+            for i in range(blocks_needed(ref))
+        }
+    finally:
+        state.close()
+    store = open_store(store_dir.as_uri())
+    try:
+        deadline = time.monotonic() + timeout
+        missing = keys
+        while missing and time.monotonic() < deadline:
+            missing = {k for k in missing if not store.exists(k)}
+            time.sleep(0.5)
+        assert not missing, f"region {m.region} lacks {len(missing)} blocks, e.g. {min(missing)}"
+    finally:
+        store.close()
 
 
 def test_a_writer_reads_its_own_appends_at_once_while_others_append(
@@ -131,7 +185,7 @@ def test_a_writer_reads_its_own_appends_at_once_while_others_append(
                 os.write(fd, _line("a", i))
                 if i % 7 == 6:
                     os.fsync(fd)  # some appends folded (and moved), some still buffered
-                seen = (a.path / "app.log").read_bytes()
+                seen = _read_appending(a.path / "app.log")
                 _check_lines(seen, "ab", None)
                 mine = [ln for ln in seen.splitlines(keepends=True) if ln.startswith(b"a ")]
                 assert len(mine) == i + 1, f"after append {i} the writer sees {len(mine)}"
