@@ -16,7 +16,10 @@ Invariants (numbers as in the issue):
    and a read at the writing region never missed that region's acknowledged
    write (read-your-writes; other regions may lag, so they are held to
    "a value that was there", not to the newest);
-4. (convergence time: measured by the runner).
+4. (convergence time: measured by the runner);
+5. the shared append log holds every acknowledged append exactly once, no
+   line twice and nothing nobody appended, each region's lines in the order
+   it appended them, and the same bytes in every region.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.history import OK, UNKNOWN, History, Lineage, Op, op_id_of
+from chaos.history import APPEND_LOG, OK, UNKNOWN, History, Lineage, Op, append_line, op_id_of
 
 ABSENT = ""
 
@@ -110,6 +113,46 @@ def check_tree(history: History, tree: dict[str, str], regions: list[str], where
     return problems
 
 
+def read_appends(root: Path) -> bytes:
+    """Return the shared append log as one region shows it (empty when missing)."""
+    try:
+        return (root / APPEND_LOG).read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def check_appends(history: History, logs: dict[str, bytes]) -> list[str]:
+    """Return the violations of invariant 5 in every region's copy of the append log."""
+    problems: list[str] = []
+    ops = {append_line(op.op_id): op for op in history.writes() if op.kind == "append"}
+    order = {line: i for i, line in enumerate(ops)}  # invocation order: per region, its order
+    for where, data in sorted(logs.items()):
+        lines = data.splitlines(keepends=True)
+        seen: set[bytes] = set()
+        last: dict[str, int] = {}
+        for line in lines:
+            op = ops.get(line)
+            if op is None or op.status not in (OK, UNKNOWN):
+                problems.append(f"region {where}: {APPEND_LOG} holds {line[:80]!r}, never appended")
+                continue
+            if line in seen:
+                problems.append(f"region {where}: {APPEND_LOG} holds {op.op_id} twice")
+            seen.add(line)
+            if order[line] < last.get(op.region, -1):
+                problems.append(
+                    f"region {where}: {op.op_id} comes after a later append of its region"
+                )
+            last[op.region] = order[line]
+        lost = [op.op_id for line, op in ops.items() if op.status == OK and line not in seen]
+        if lost:
+            problems.append(
+                f"region {where}: {len(lost)} acknowledged appends missing, e.g. {lost[:3]}"
+            )
+    if len(set(logs.values())) > 1:
+        problems.append(f"the regions' {APPEND_LOG} differ")
+    return problems
+
+
 def _touches(op: Op, path: str) -> bool:
     return op.path == path or (op.kind == "rename" and op.target == path)
 
@@ -151,8 +194,14 @@ def stale_reads(history: History) -> tuple[int, list[Op]]:
     return checked, out
 
 
-def check(history: History, lineage: Lineage, trees: dict[str, dict[str, str]]) -> Verdict:
-    """Check the history's reads (invariant 3) and every region's final tree (invariant 1)."""
+def check(
+    history: History,
+    lineage: Lineage,
+    trees: dict[str, dict[str, str]],
+    appends: dict[str, bytes] | None = None,
+) -> Verdict:
+    """Check the history's reads (invariant 3), every region's final tree (invariant 1)
+    and, when given, every region's append log (invariant 5)."""
     v = Verdict()
     writes = history.writes()
     v.acknowledged = sum(op.status == OK for op in writes)
@@ -178,6 +227,10 @@ def check(history: History, lineage: Lineage, trees: dict[str, dict[str, str]]) 
     regions = sorted({op.region for op in writes} | set(trees))
     for where, tree in trees.items():
         found = check_tree(history, tree, regions, f"region {where}")
+        v.lost = max(v.lost, len(found))
+        v.problems.extend(found)
+    if appends is not None:
+        found = check_appends(history, appends)
         v.lost = max(v.lost, len(found))
         v.problems.extend(found)
     return v

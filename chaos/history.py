@@ -18,7 +18,11 @@ Each region runs one writer and one reader on its own mount:
   pipelines publish files: a reader never meets a half-written file, and the
   rename is the acknowledgement;
 - the reader reads random published paths of every region and checks the bytes
-  against what could be there (`Lineage`).
+  against what could be there (`Lineage`);
+- the appender adds lines to one file shared by every region (`APPEND_LOG`),
+  each an open(O_APPEND), one write and a close, as loggers do: every
+  acknowledged line must end up in that file exactly once, in the same order
+  in every region, each region's lines in the order it wrote them.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ OK = "ok"
 FAIL = "fail"
 UNKNOWN = "unknown"
 
+APPEND_LOG = "appends.log"
+"""The file every region's appender appends its lines to."""
+
 DEFINITE_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR})
 """Errors that mean the file system decided and did nothing: the operation failed."""
 
@@ -49,6 +56,11 @@ def value(op_id: str) -> bytes:
     head = f"tidefs-chaos {op_id}\n".encode()
     body = hashlib.shake_256(seed).digest(max(0, size - len(head)))
     return head + body
+
+
+def append_line(op_id: str) -> bytes:
+    """Return the line appended by operation `op_id`."""
+    return f"append {op_id}\n".encode()
 
 
 def op_id_of(data: bytes) -> str | None:
@@ -66,7 +78,7 @@ class Op:
 
     op_id: str
     region: str
-    kind: str  # put, rename, unlink, read
+    kind: str  # put, rename, unlink, read, append
     path: str
     target: str = ""  # rename destination
     status: str = UNKNOWN  # until the call returns
@@ -189,14 +201,17 @@ class Workload:
         self._threads: list[threading.Thread] = []
 
     def prepare(self) -> None:
-        """Create every region's working directories (through its own mount)."""
+        """Create every region's working directories (through its own mount), and the log."""
         for region, root in self.mounts.items():
             for d in (f"w-{region}", f"tmp-{region}"):
                 os.makedirs(root / d, exist_ok=True)
+        first = next(iter(self.mounts.values()))
+        with open(first / APPEND_LOG, "ab"):
+            pass
 
     def start(self) -> None:
         for region in self.mounts:
-            for fn in (self._writer, self._reader):
+            for fn in (self._writer, self._reader, self._appender):
                 rng = random.Random(self._rng.getrandbits(64))
                 t = threading.Thread(
                     target=fn, args=(region, rng), name=f"chaos-{fn.__name__}-{region}"
@@ -289,6 +304,27 @@ class Workload:
             op.status = FAIL  # it never reached the rename: nothing can be at `name`
         if op.status == OK and name not in live:
             live.append(name)
+
+    # -- the appender ----------------------------------------------------------------
+
+    def _appender(self, region: str, rng: random.Random) -> None:
+        path = self.mounts[region] / APPEND_LOG
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            op_id = f"{region}-append{n}"
+            op = Op(op_id, region, "append", APPEND_LOG)
+
+            def call(line: bytes = append_line(op_id)) -> None:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+                try:
+                    if os.write(fd, line) != len(line):
+                        raise OSError(errno.EIO, "short append")
+                finally:
+                    os.close(fd)
+
+            self._run(region, op, call)
+            self.stop.wait(self.pause * rng.uniform(0.5, 1.5))
 
     # -- the reader ------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chaos.checker import Verdict, check, read_tree
+from chaos.checker import Verdict, check, read_appends, read_tree
 from chaos.harness import REGIONS, Cluster, Services, Unavailable, block_files, tidefs_cli
 from chaos.history import Workload
 from chaos.proxy import DROP, REFUSE
@@ -424,7 +424,8 @@ def run_scenario(
                 break
             time.sleep(0.3)
         trees = {r: read_tree(cluster.path(r), list(REGIONS)) for r in REGIONS}
-        verdict = check(workload.history, workload.lineage, trees)
+        appends = {r: read_appends(cluster.path(r)) for r in REGIONS}
+        verdict = check(workload.history, workload.lineage, trees, appends)
         if history_dir is not None:
             write_history(workload, history_dir / f"{scenario.name}.jsonl")
         if stuck:

@@ -12,7 +12,9 @@ registers (`OwnRequests`), and the replica folds through `ObservedState`,
 which notes the request ids of the batch it applies. A batch made only of
 this mount's commands needs no invalidation, except of the attributes of
 files whose data it committed (a flush behind the writer moves mtime from
-the time of the write to the time of the commit). Any other batch
+the time of the write to the time of the commit), and of the pages of files
+it appended to (an O_APPEND write lands where the fold puts it, which may be
+past where the kernel wrote it into its cache). Any other batch
 invalidates everything it changed: dropping an entry the kernel could have
 kept costs one lookup, keeping a stale one shows another region's file as it
 was.
@@ -472,6 +474,15 @@ class Invalidator:
             )
             if data:
                 self._queue.put((data, frozenset(), True))
+            moved = frozenset(
+                env.command.inode
+                for _, env in batch
+                if isinstance(env.command, CommitSlice) and env.command.append
+            )
+            if moved:
+                # The kernel cached an append's bytes where it believed the end was;
+                # the fold may have put them further on, behind another region's.
+                self._queue.put((moved, frozenset(), False))
             return
         self._queue.put((result.changed_inodes, result.changed_entries, False))
 

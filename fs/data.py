@@ -100,6 +100,7 @@ import bisect
 import errno
 import itertools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -109,6 +110,7 @@ from typing import TYPE_CHECKING
 
 from tidefs import telemetry
 from tidefs.fs.cache import DiskBlockCache, MemoryBlockCache
+from tidefs.journal import features
 from tidefs.journal.commands import (
     CommitSlice,
     CompactChunk,
@@ -174,6 +176,8 @@ class Extent:
     uploads: dict[int, Future[None]] = field(default_factory=dict)
     first_write_ns: int = field(default_factory=time.monotonic_ns)
     last_write_ns: int = field(default_factory=time.time_ns)
+    append: bool = False
+    """O_APPEND bytes: `chunk` and `start` are 0, and the fold decides where they land."""
 
     @property
     def end(self) -> int:
@@ -255,12 +259,16 @@ class InodeBuffer:
         self.background: Future[None] | None = None
         self.bytes = 0
         self.end = 0
+        """The end of the pending positional writes (appends have no place yet)."""
+        self.appends = 0
+        """How many pending extents are appends."""
         self.last_write_ns = 0
 
     def wrote(self, ext: Extent, grown: int) -> None:
         """Account for a write that grew `ext` by `grown` bytes (caller holds lock)."""
         self.bytes += grown
-        self.end = max(self.end, ext.end)
+        if not ext.append:
+            self.end = max(self.end, ext.end)
         self.last_write_ns = ext.last_write_ns
 
     def drop(self, done: list[Extent]) -> None:
@@ -268,7 +276,8 @@ class InodeBuffer:
         gone = set(map(id, done))
         self.extents = [e for e in self.extents if id(e) not in gone]
         self.bytes = sum(e.length for e in self.extents)
-        self.end = max((e.end for e in self.extents), default=0)
+        self.end = max((e.end for e in self.extents if not e.append), default=0)
+        self.appends = sum(1 for e in self.extents if e.append)
 
     def snapshot(self, lo: int, hi: int) -> list[tuple[int, bytes]]:
         """Copy the pending bytes that overlap [lo, hi), oldest extent first."""
@@ -538,8 +547,12 @@ class DataPath:
         dirty_limit: int = 512 << 20,
         io_threads: int = 32,
         write_through: str | None = None,
+        log_appends: bool = True,
     ) -> None:
         self.state = state
+        # With False, O_APPEND writes stay writes at the kernel's offset even on a
+        # volume that enabled log-placed appends (`log_appends`).
+        self._log_appends = log_appends
         self.submit = submit
         self.region = region
         self.chunk_size = chunk_size
@@ -718,11 +731,32 @@ class DataPath:
                 buf = self._buffers[ino] = InodeBuffer(ino)
             return buf
 
+    @property
+    def log_appends(self) -> bool:
+        """Whether an O_APPEND write is an append the fold places (CommitSlice.append).
+
+        The one switch between the two meanings of an O_APPEND write: an append
+        placed at the end of the file at its log position, or (a volume that has
+        not enabled the `append` feature, which older tidefs cannot read) a write
+        at the offset the kernel passed, the size this mount knows.
+        """
+        return self._log_appends and features.APPEND in self.state.features().features
+
     def write(self, fh: int, off: int, data: bytes) -> int:
-        """Buffer `data` at `off`; return len(data). Uploads and commits run behind."""
-        ino = self.inode_of(fh)
+        """Buffer `data` at `off`; return len(data). Uploads and commits run behind.
+
+        On a handle opened with O_APPEND (and `log_appends`), `off` is ignored:
+        the kernel passes the size it knows, which another region's appends may
+        already have overtaken, so the bytes become an append that the fold
+        places at the end of the file.
+        """
+        of = self._files.get(fh)
+        if of is None:
+            raise DataError(errno.EBADF, f"unknown file handle {fh}")
+        ino = of.ino
         if ino in self._kept:
             raise DataError(errno.ESTALE, f"inode {ino} was removed in another region")
+        appending = bool(of.flags & os.O_APPEND) and self.log_appends
         buf = self._buffer(ino)
         view = memoryview(data)
         cs = self.chunk_size
@@ -731,15 +765,20 @@ class DataPath:
         with buf.lock:
             pos, i = off, 0
             while i < len(view):
-                chunk = pos // cs
+                if appending:
+                    ext = self._append_extent(buf)
+                    chunk, pos = 0, ext.end
+                else:
+                    chunk = pos // cs
+                    ext = self._extent_for(buf, chunk, pos)
                 n = min(len(view) - i, (chunk + 1) * cs - pos)
-                ext = self._extent_for(buf, chunk, pos)
                 before = ext.length
                 ext.write(pos, view[i : i + n])
                 buf.wrote(ext, ext.length - before)
                 to_upload.extend((ext, b) for b in ext.seal_full())
                 if ext.end == (chunk + 1) * cs:
-                    ext.frozen = True  # a complete chunk: commit it behind the writer
+                    # A complete chunk (an append as long as one): commit it behind the writer.
+                    ext.frozen = True
                     commit_behind = True
                 pos += n
                 i += n
@@ -758,11 +797,24 @@ class DataPath:
                 self.flush(ino)
         return len(data)
 
+    def _append_extent(self, buf: InodeBuffer) -> Extent:
+        """Return the newest extent if it is an open append, else start one (caller holds lock)."""
+        last = buf.extents[-1] if buf.extents else None
+        if last is not None and last.append and not last.frozen:
+            return last
+        if last is not None:
+            last.frozen = True
+        ext = Extent(chunk=0, start=0, block_size=self.block_size, append=True)
+        buf.extents.append(ext)
+        buf.appends += 1
+        return ext
+
     def _extent_for(self, buf: InodeBuffer, chunk: int, pos: int) -> Extent:
         last = buf.extents[-1] if buf.extents else None
         if (
             last is not None
             and not last.frozen
+            and not last.append
             and last.chunk == chunk
             and last.mutable_from <= pos <= last.end
         ):
@@ -774,14 +826,50 @@ class DataPath:
         return ext
 
     def pending(self, ino: int) -> tuple[int, int] | None:
-        """Return (end of pending data, time of the last pending write in ns), or None."""
+        """Return (end of pending data, time of the last pending write in ns), or None.
+
+        With appends pending, the end is where they will have taken the file
+        as far as this mount knows: the state's size plus those not folded yet.
+        """
         buf = self._buffers.get(ino)
         if buf is None:
             return None
         with buf.lock:
             if not buf.extents:
                 return None
-            return buf.end, buf.last_write_ns
+            if not buf.appends:
+                return buf.end, buf.last_write_ns
+            last_ns = buf.last_write_ns
+        _placed, end = self._layout(buf)
+        return end, last_ns
+
+    def _layout(self, buf: InodeBuffer) -> tuple[list[tuple[Extent, int, int]], int]:
+        """Place the pending extents of `buf` in the file: ([(extent, offset, length)], end).
+
+        An append not folded yet goes at the end of the file as the state
+        has it plus the appends and writes before it; a folded one is left
+        out, because the same snapshot's size already counts it (see
+        `State.size_and_outcomes`). So a read sees each appended byte once,
+        with no gap, before and after the fold moves it to its final place.
+        """
+        with buf.lock:
+            exts = [(e, e.length) for e in buf.extents]
+        size, folded = self.state.size_and_outcomes(
+            buf.ino, [e.request_id for e, _n in exts if e.append]
+        )
+        end = size or 0
+        placed: list[tuple[Extent, int, int]] = []
+        appends = iter(folded)
+        for e, n in exts:
+            if e.append:
+                if next(appends):
+                    continue
+                placed.append((e, end, n))
+                end += n
+            else:
+                placed.append((e, e.start, n))
+                end = max(end, e.start + n)
+        return placed, end
 
     def flush(self, ino: int) -> None:
         """Commit every write of `ino` made before this call; raise DataError on failure."""
@@ -864,14 +952,20 @@ class DataPath:
                 raise
             with buf.lock:
                 buf.drop(group)
-            self._after_commit(buf.ino, {r.chunk for r in runs})
+            chunks = {r.chunk for r in runs if not r.data.append}
+            if len(chunks) < len(runs):
+                # An append landed at the end of the file, wherever that was.
+                attr = self.state.getattr(buf.ino)
+                if attr is not None and attr.size > 0:
+                    chunks.add((attr.size - 1) // self.chunk_size)
+            self._after_commit(buf.ino, chunks)
 
     def _plan(self, batch: list[Extent]) -> list[tuple[list[Extent], list[Run]]]:
         """Split extents into groups committed in order; each group's runs are disjoint."""
         plan: list[tuple[list[Extent], list[Run]]] = []
         small: list[Extent] = []
         for e in batch:
-            if e.sealed or e.uploads:
+            if e.sealed or e.uploads or e.append:
                 if small:
                     runs = [Run(c.chunk, c.start, c) for c in coalesce(small, self.block_size)]
                     plan.append((small, runs))
@@ -935,7 +1029,8 @@ class DataPath:
             block_size=self.block_size,
             home=self.region,
         )
-        outcome = self._submit(CommitSlice(inode=ino, chunk_index=ext.chunk, slice=ref), ext)
+        command = CommitSlice(inode=ino, chunk_index=ext.chunk, slice=ref, append=ext.append)
+        outcome = self._submit(command, ext)
         if outcome.errno == errno.ENOENT:
             # The file is open here, so it existed: another region removed it since.
             raise DataError(errno.ESTALE, f"inode {ino} was removed in another region")
@@ -999,12 +1094,28 @@ class DataPath:
         if of is None:
             raise DataError(errno.EBADF, f"unknown file handle {fh}")
         buf = self._buffers.get(of.ino)
-        overlays = buf.snapshot(off, off + size) if buf is not None else []
-        pend = self.pending(of.ino)
+        if buf is not None and buf.appends:
+            # An append not folded yet has no final place: shown where the end is
+            # now, a later read (after the fold put another region's bytes first)
+            # would find it further on and a reader reading in steps would see it
+            # twice. So a read commits this mount's appends first and reads them
+            # where they landed; only appends written during the read are laid out.
+            self.flush(of.ino)
+        if buf is not None and buf.appends:
+            overlays, appended_end = self._append_overlays(buf, off, off + size)
+        else:
+            overlays = buf.snapshot(off, off + size) if buf is not None else []
+            appended_end = None
+        pend = self.pending(of.ino) if appended_end is None else None
         attr = self.attr(of.ino)
         if attr is None:
             raise DataError(errno.ESTALE, f"inode {of.ino} is gone")
-        file_size = max(attr.size, pend[0] if pend else 0, *(a + len(b) for a, b in overlays))
+        if appended_end is not None:
+            # Not the state's size now: an append folded since the layout would be
+            # read twice, from the state and from the buffer.
+            file_size = appended_end
+        else:
+            file_size = max(attr.size, pend[0] if pend else 0, *(a + len(b) for a, b in overlays))
         end = min(off + size, file_size)
         if end <= off:
             return b""
@@ -1024,6 +1135,19 @@ class DataPath:
                 out[a - off : b - off] = data[a - start : b - start]
         return out
 
+    def _append_overlays(
+        self, buf: InodeBuffer, lo: int, hi: int
+    ) -> tuple[list[tuple[int, bytes]], int]:
+        """Pending bytes over [lo, hi) with appends placed (`_layout`), oldest first; and the end."""
+        placed, end = self._layout(buf)
+        out = []
+        with buf.lock:
+            for e, at, n in placed:
+                a, b = max(lo, at), min(hi, at + n)
+                if a < b:
+                    out.append((a, e.copy_range(e.start + a - at, e.start + b - at)))
+        return out, end
+
     def _plan_read(
         self, ino: int, lo: int, hi: int, slices: dict[int, list[SliceRef]] | None = None
     ) -> list[Piece]:
@@ -1039,7 +1163,7 @@ class DataPath:
                 pos = p - ref.offset
                 stop = q - ref.offset
                 while pos < stop:
-                    index, within = divmod(pos, bs)
+                    index, within = divmod(ref.skip + pos, bs)
                     n = min(bs - within, stop - pos)
                     dst = base + ref.offset + pos - lo
                     pieces.append(Piece(ref, index, within, n, dst))
@@ -1115,7 +1239,7 @@ class DataPath:
             return
         now = time.monotonic()
         for chunk in chunks:
-            if len(self.state.slices(ino, chunk)) >= self.compact_threshold:
+            if self.state.slice_count(ino, chunk, self.compact_threshold) >= self.compact_threshold:
                 with self._lock:
                     self._candidates[(ino, chunk)] = now
 
@@ -1156,7 +1280,7 @@ class DataPath:
         buf = self._buffers.get(ino)
         if buf is not None:
             with buf.lock:
-                if any(e.chunk == chunk for e in buf.extents):
+                if any(e.chunk == chunk or e.append for e in buf.extents):
                     return "busy"  # pending writes will commit and ask again
         refs = self.state.slices(ino, chunk)
         attr = self.state.getattr(ino)

@@ -502,7 +502,18 @@ class TideOps(pyfuse3.Operations):
             await self._run(self._truncate_on_open, inode)
         fh = self.data.open(inode, flags)
         # Page cache survives reopen: remote changes invalidate it (see Invalidator).
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return self._file_info(fh, flags)
+
+    def _file_info(self, fh: int, flags: int) -> pyfuse3.FileInfo:
+        """The reply to an open: keep the page cache; an appending handle writes around it.
+
+        The kernel would copy an O_APPEND write into its cache at the size it
+        knows, but the fold may put the bytes further on (behind another
+        region's appends): with direct I/O on that handle, cached pages only
+        ever hold what this mount answered to reads.
+        """
+        appends = bool(flags & os.O_APPEND) and self.data.log_appends
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=appends)
 
     def _truncate_on_open(self, inode: int) -> None:
         if not self._attr(inode).is_reg:
@@ -530,7 +541,7 @@ class TideOps(pyfuse3.Operations):
             await self._run(self._truncate_on_open, entry.st_ino)
             entry = await self._run(self._entry_of, entry.st_ino)
         fh = self.data.open(entry.st_ino, flags)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
+        return self._file_info(fh, flags), entry
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -196,9 +196,11 @@ class RemoveXattr:
 class SliceRef:
     """A run of bytes inside one chunk, stored as immutable blocks keyed by `slice_id`.
 
-    The slice's bytes are blocks 0..n-1 of at most `block_size` bytes each, so
-    the slice covers [offset, offset + length) of its chunk. `home` is the region
-    whose store received the blocks first.
+    The slice's bytes are blocks 0..n-1 of at most `block_size` bytes each;
+    the slice shows its bytes [skip, skip + length) at [offset, offset + length)
+    of its chunk. `skip` is nonzero only for the later parts of a slice that the
+    fold split across chunks (an append that crossed a chunk boundary). `home`
+    is the region whose store received the blocks first.
     """
 
     slice_id: int
@@ -206,6 +208,7 @@ class SliceRef:
     length: int
     block_size: int
     home: str
+    skip: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +217,18 @@ class CommitSlice:
 
     `truncate_to`, when set, first truncates the file to that size (an O_TRUNC
     open followed by writes, folded as one command).
+
+    `append` (an O_APPEND write): the slice goes at the end of the file as the
+    fold finds it at the command's log position, not at `chunk_index` and
+    `slice.offset` (both 0), and is split across chunks where it crosses a
+    boundary. So appenders in any number of regions never overwrite each other.
     """
 
     inode: int
     chunk_index: int
     slice: SliceRef
     truncate_to: int | None = None
+    append: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,13 @@ from types import MappingProxyType
 from typing import Any
 
 from tidefs.journal import codec
-from tidefs.journal.commands import Command, EnableFeatures, Envelope, RemoveRegion
+from tidefs.journal.commands import (
+    Command,
+    CommitSlice,
+    EnableFeatures,
+    Envelope,
+    RemoveRegion,
+)
 
 LEGACY_SCHEMA = 1
 """The level of a volume whose log holds no EnableFeatures (formatted before there were any)."""
@@ -65,8 +71,12 @@ class Feature:
         return self.field is None or getattr(command, self.field) != _DEFAULTS[self]
 
 
+APPEND = "append"
+"""The feature of CommitSlice.append: an O_APPEND write lands where the fold finds the end."""
+
 FEATURES: tuple[Feature, ...] = (
     Feature("region_remove", 2, RemoveRegion, doc="tidefs region remove (RemoveRegion)"),
+    Feature(APPEND, 2, CommitSlice, "append", doc="O_APPEND writes placed by the fold"),
 )
 """Every feature this tidefs knows, oldest first; one line each, never edited once released."""
 

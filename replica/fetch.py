@@ -109,15 +109,17 @@ appeared meanwhile (the first local hit ends the streak).
 
 
 def blocks_needed(ref: SliceRef) -> int:
-    """Return how many blocks hold the bytes that `ref` covers: ceil(length / block_size).
+    """Return how many blocks, from block 0, hold the bytes that `ref` covers.
 
-    A truncate (or a compaction cut to the chunk's end) shortens a slice's
-    `length` but leaves its blocks stored, so a slice may have more blocks
-    than this; those hold bytes no reader can see and are never fetched.
+    That is ceil((skip + length) / block_size). A truncate (or a compaction cut
+    to the chunk's end) shortens a slice's `length` but leaves its blocks
+    stored, so a slice may have more blocks than this; those hold bytes no
+    reader can see and are never fetched. The part of a split append that
+    skips the first bytes still counts their blocks: the slice has them all.
     """
     if ref.length <= 0:
         return 0
-    return (ref.length + ref.block_size - 1) // ref.block_size
+    return (ref.skip + ref.length + ref.block_size - 1) // ref.block_size
 
 
 class BlockNotInAnyRegion(BlockNotFound):

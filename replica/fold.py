@@ -104,7 +104,7 @@ from tidefs.replica.keys import (
     decode_dirent,
     decode_features,
     decode_outcome,
-    decode_slices,
+    decode_slice,
     decode_volume,
     dirent_key,
     dirent_prefix,
@@ -113,7 +113,6 @@ from tidefs.replica.keys import (
     encode_features,
     encode_outcome,
     encode_slice,
-    encode_slices,
     encode_volume,
     fits_str16,
     inode_key,
@@ -122,7 +121,8 @@ from tidefs.replica.keys import (
     parent_key,
     prefix_end,
     read_u64,
-    slice_ids,
+    slice_id_of,
+    slice_key,
     split_chunk_key,
     symlink_key,
     u64,
@@ -440,6 +440,7 @@ def _validate_slice(vol: VolumeInfo, chunk_index: int, s: SliceRef) -> int:
         chunk_index >= 0
         and s.offset >= 0
         and s.length > 0
+        and s.skip >= 0
         and s.offset + s.length <= vol.chunk_size
         and 0 < s.block_size <= U32_MAX
         and fits_str16(s.home)
@@ -517,21 +518,12 @@ def _truncate(tx: _Tx, ino: int, size: int, chunk_size: int) -> None:
     for key, value in list(tx.scan(chunk_key(ino, size // chunk_size), prefix_end(prefix))):
         _ino, index = split_chunk_key(key)
         start = index * chunk_size
-        if start >= size:
-            tx.delete(key)
-            continue
         end = size - start
-        kept: list[SliceRef] = []
-        for s in decode_slices(value):
-            if s.offset >= end:
-                continue
-            if s.offset + s.length > end:
-                s = SliceRef(s.slice_id, s.offset, end - s.offset, s.block_size, s.home)
-            kept.append(s)
-        if kept:
-            tx.put(key, encode_slices(kept))
-        else:
+        s = decode_slice(value)
+        if start >= size or s.offset >= end:
             tx.delete(key)
+        elif s.offset + s.length > end:
+            tx.put(key, encode_slice(replace(s, length=end - s.offset)))
 
 
 # -- the commands ----------------------------------------------------------------
@@ -924,6 +916,8 @@ def _removexattr(tx: _Tx, c: RemoveXattr) -> int:
 def _commit_slice(tx: _Tx, c: CommitSlice) -> int:
     a = _regular(tx, c.inode)
     vol = tx.volume()
+    if c.append and (c.chunk_index != 0 or c.slice.offset != 0):
+        raise Reject(E.EINVAL)  # an append's place is the fold's to decide
     end = _validate_slice(vol, c.chunk_index, c.slice)
     size = a.size
     if c.truncate_to is not None:
@@ -932,11 +926,37 @@ def _commit_slice(tx: _Tx, c: CommitSlice) -> int:
         if c.truncate_to < size:
             _truncate(tx, a.ino, c.truncate_to, vol.chunk_size)
         size = c.truncate_to
-    key = chunk_key(a.ino, c.chunk_index)
-    tx.put(key, (tx.get(key) or b"") + encode_slice(c.slice))
+    if c.append:
+        end = _place_append(tx, a.ino, size, c.slice, vol.chunk_size)
+    else:
+        key = slice_key(a.ino, c.chunk_index, tx.offset)
+        tx.put(key, encode_slice(c.slice))
+        tx.fresh.add(key)
     now = tx.now
     tx.put_attr(_changed(a, now, a.nlink, size=max(size, end), mtime=True))
     return 0
+
+
+def _place_append(tx: _Tx, ino: int, size: int, s: SliceRef, chunk_size: int) -> int:
+    """Put an appended slice at file offset `size`; return the new end of the file.
+
+    Where the bytes cross a chunk boundary the slice is recorded once per
+    chunk, each part showing the next run of the same blocks (its `skip`), so
+    no byte is copied and every chunk keeps only slices that lie inside it.
+    """
+    end = size + s.length
+    if end > MAX_FILE_SIZE:
+        raise Reject(E.EFBIG)
+    pos, done = size, 0
+    while done < s.length:
+        index, within = divmod(pos, chunk_size)
+        n = min(chunk_size - within, s.length - done)
+        key = slice_key(ino, index, tx.offset)
+        tx.put(key, encode_slice(replace(s, offset=within, length=n, skip=s.skip + done)))
+        tx.fresh.add(key)
+        pos += n
+        done += n
+    return end
 
 
 def _compact_chunk(tx: _Tx, c: CompactChunk) -> int:
@@ -951,20 +971,24 @@ def _compact_chunk(tx: _Tx, c: CompactChunk) -> int:
     a = _regular(tx, c.inode)
     vol = tx.volume()
     _validate_slice(vol, c.chunk_index, c.slice)
-    key = chunk_key(a.ino, c.chunk_index)
-    raw = tx.get(key)
-    if (slice_ids(raw) if raw else []) != list(c.expected):
+    prefix = chunk_key(a.ino, c.chunk_index)
+    entries = list(tx.scan(prefix, prefix_end(prefix)))
+    if [slice_id_of(value) for _key, value in entries] != list(c.expected):
         raise Reject(E.ESTALE)
-    if raw is None:
+    if not entries:
         return 0  # nothing to compact
-    current = decode_slices(raw)
+    current = [decode_slice(value) for _key, value in entries]
     if c.slice.offset > min(s.offset for s in current):
         raise Reject(E.EINVAL)  # the new slice would drop data it claims to replace
     current_end = max(s.offset + s.length for s in current)
     s = c.slice
     if s.offset + s.length > current_end:
         s = replace(s, length=current_end - s.offset)
+    for key, _value in entries:
+        tx.delete(key)
+    key = slice_key(a.ino, c.chunk_index, tx.offset)
     tx.put(key, encode_slice(s))
+    tx.fresh.add(key)
     return 0
 
 

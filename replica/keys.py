@@ -16,7 +16,9 @@ numeric order and every "all X of inode N" question is one prefix scan:
     P    P + ino                                     parent of a directory (for `..` and
                                                      the rename-into-own-subtree check)
     D    D + parent + cookie + name                  directory entry -> child ino, type
-    C    C + ino + chunk index                       the chunk's slices, oldest first
+    C    C + ino + chunk index + sequence            one slice of the chunk; the sequence
+                                                     (the log offset of the command that
+                                                     placed it) orders slices oldest first
     X    X + ino + name                              extended attribute value
     O    O + ino                                     orphan: nlink 0, awaiting Reclaim
     R    R + generation + request id                 the Outcome of that request
@@ -28,6 +30,11 @@ directory changes meanwhile (the ext4 htree answer to telldir/seekdir); lookup
 is a direct get because the name is in the key. Two names of one directory
 sharing a 63-bit hash (probability about n**2 / 2**64) both exist and are both
 listed, but a listing resumed between them skips the second.
+
+A chunk's slices are one key each, not one list per chunk: recording a write
+puts one small key instead of rewriting a value that grows with every write
+(quadratic for a log written line by line), and a chunk's slice list is a
+prefix scan of `chunk_key(ino, index)`.
 
 Values are compact struct-packed records, never JSON: the fold writes several
 per command and the state of a large volume holds hundreds of millions.
@@ -55,8 +62,10 @@ from functools import lru_cache
 
 from tidefs.journal.commands import Outcome, Region, SliceRef
 
-FORMAT_VERSION = 2
-"""Version of this key layout; stored in meta so an old binary never misreads a newer state."""
+FORMAT_VERSION = 3
+"""Version of this key layout; stored in meta so an old binary never misreads a newer state.
+
+3: one key per slice (C + ino + chunk + sequence) and a slice's `skip`."""
 
 TAG_META = b"\x00"
 TAG_VOLUME = b"V"
@@ -98,9 +107,10 @@ _I64 = struct.Struct(">q")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64X2 = struct.Struct(">QQ")
+_U64X3 = struct.Struct(">QQQ")
 _DIRENT = struct.Struct(">QB")
 _ATTR = struct.Struct(">IIIIQqqqQQ")
-_SLICE = struct.Struct(">qQQIH")
+_SLICE = struct.Struct(">qQQQIH")
 _OUTCOME = struct.Struct(">IQq")
 _VOLUME = struct.Struct(">QQQH")
 
@@ -182,14 +192,24 @@ def chunk_prefix(ino: int) -> bytes:
 
 
 def chunk_key(ino: int, index: int) -> bytes:
-    """Key of the slice list of chunk `index` of a file."""
+    """Prefix of the slice keys of chunk `index` of a file."""
     return TAG_CHUNK + _U64X2.pack(ino, index)
 
 
+def slice_key(ino: int, index: int, sequence: int) -> bytes:
+    """Key of one slice of chunk `index`: `sequence` (a log offset) orders a chunk's slices."""
+    return TAG_CHUNK + _U64X3.pack(ino, index, sequence)
+
+
 def split_chunk_key(key: bytes) -> tuple[int, int]:
-    """Return (ino, chunk index) of a chunk key."""
+    """Return (ino, chunk index) of a slice key (or of a chunk prefix)."""
     ino, index = _U64X2.unpack_from(key, 1)
     return ino, index
+
+
+def slice_sequence(key: bytes) -> int:
+    """Return the sequence (log offset of the placing command) of a slice key."""
+    return int(_U64.unpack_from(key, 17)[0])
 
 
 def xattr_prefix(ino: int) -> bytes:
@@ -301,41 +321,40 @@ def decode_dirent(data: bytes) -> tuple[int, int]:
 
 
 def encode_slice(s: SliceRef) -> bytes:
-    """Pack one slice. A chunk's value is the concatenation of its slices, oldest first,
-    so that recording a write appends bytes without decoding the list."""
+    """Pack one slice (the value of a slice key)."""
     home = s.home.encode()
-    return _SLICE.pack(s.slice_id, s.offset, s.length, s.block_size, len(home)) + home
+    return _SLICE.pack(s.slice_id, s.offset, s.length, s.skip, s.block_size, len(home)) + home
 
 
 def encode_slices(slices: list[SliceRef]) -> bytes:
-    """Pack a chunk's slice list, oldest first."""
+    """Pack a list of slices, oldest first (decode_slices reads it back)."""
     return b"".join(encode_slice(s) for s in slices)
 
 
 def decode_slices(data: bytes) -> list[SliceRef]:
-    """Unpack a chunk's slice list, oldest first."""
+    """Unpack packed slices (one slice key's value, or encode_slices' output), oldest first."""
     out: list[SliceRef] = []
     at = 0
     size = _SLICE.size
     while at < len(data):
-        slice_id, offset, length, block_size, home_len = _SLICE.unpack_from(data, at)
+        slice_id, offset, length, skip, block_size, home_len = _SLICE.unpack_from(data, at)
         at += size
         home = data[at : at + home_len].decode()
         at += home_len
-        out.append(SliceRef(slice_id, offset, length, block_size, home))
+        out.append(SliceRef(slice_id, offset, length, block_size, home, skip))
     return out
 
 
-def slice_ids(data: bytes) -> list[int]:
-    """Return the slice ids of an encoded chunk value, oldest first, without building SliceRefs."""
-    out: list[int] = []
-    at = 0
-    size = _SLICE.size
-    while at < len(data):
-        slice_id, _o, _l, _b, home_len = _SLICE.unpack_from(data, at)
-        out.append(slice_id)
-        at += size + home_len
-    return out
+def decode_slice(data: bytes) -> SliceRef:
+    """Unpack the one slice of a slice key's value."""
+    slice_id, offset, length, skip, block_size, home_len = _SLICE.unpack_from(data, 0)
+    home = data[_SLICE.size : _SLICE.size + home_len].decode()
+    return SliceRef(slice_id, offset, length, block_size, home, skip)
+
+
+def slice_id_of(data: bytes) -> int:
+    """Return the slice id of a slice key's value without building a SliceRef."""
+    return int(_I64.unpack_from(data, 0)[0])
 
 
 # -- outcomes ------------------------------------------------------------------

@@ -143,6 +143,8 @@ _FORMAT = 1
 _ENTRY = struct.Struct(">qqQQQQQII")
 _PKEY = struct.Struct(">QI")
 _U63 = 1 << 63
+_ANY_CHUNK = (1 << 64) - 1
+"""The chunk of a block queued from an append: the fold, not the command, decides where it lands."""
 _SEED_BATCH = 10_000
 
 
@@ -523,6 +525,10 @@ class Replicator:
         added: list[PendingBlock] = []
         count = 0
         for ino, chunk, ref in self.state.iter_live_slices():
+            if ref.skip:
+                # A later part of a split append: queue the slice's blocks from 0, as
+                # its command did (what the first part needs is copied once either way).
+                ref = SliceRef(ref.slice_id, 0, ref.skip + ref.length, ref.block_size, ref.home)
             if ref.home == self.local_region or not self._plausible(ino, chunk, ref):
                 continue
             for index in range(blocks_needed(ref)):
@@ -873,11 +879,10 @@ class Replicator:
                 cmd.inode, cmd.chunk_index, ref
             ):
                 return
+            chunk = _ANY_CHUNK if isinstance(cmd, CommitSlice) and cmd.append else cmd.chunk_index
             for index in range(blocks_needed(ref)):
                 added.append(
-                    PendingBlock(
-                        ref, index, cmd.inode, cmd.chunk_index, rec.offset, rec.timestamp_ns
-                    )
+                    PendingBlock(ref, index, cmd.inode, chunk, rec.offset, rec.timestamp_ns)
                 )
 
     def _plausible(self, inode: int, chunk: int, ref: SliceRef) -> bool:
@@ -1052,12 +1057,28 @@ class Replicator:
         return _Outcome.COPIED, len(fetched.payload)
 
     def _live_slice(self, entry: PendingBlock) -> SliceRef | None:
-        """Return the slice as the state holds it now (its length may have shrunk), or None."""
+        """Return the slice as the state holds it now (its length may have shrunk), or None.
+
+        Of a slice recorded in several parts (an append split across chunks)
+        the part needing the most blocks answers. An appended slice's chunk is
+        found from the end of the file backwards, where appends land.
+        """
         sid = entry.slice.slice_id
-        for ref in self.state.slices(entry.inode, entry.chunk):
-            if ref.slice_id == sid:
-                return ref
-        return None
+        if entry.chunk != _ANY_CHUNK:
+            chunks = [entry.chunk]
+        else:
+            chunks = list(reversed(self.state.chunks(entry.inode)))
+        best: SliceRef | None = None
+        for chunk in chunks:
+            found = False
+            for ref in self.state.slices(entry.inode, chunk):
+                if ref.slice_id == sid:
+                    found = True
+                    if best is None or blocks_needed(ref) > blocks_needed(best):
+                        best = ref
+            if best is not None and not found:
+                break  # the parts of one slice lie in consecutive chunks
+        return best
 
 
 # -- running it -------------------------------------------------------------------

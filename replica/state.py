@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import itertools
 import os
@@ -295,7 +296,8 @@ class State:
         if raw is not None and K.decode_u32(raw) != K.FORMAT_VERSION:
             raise StateError(
                 f"the state at {self.path} has key format {K.decode_u32(raw)}; "
-                f"this tidefs reads format {K.FORMAT_VERSION}: replay it into a new directory"
+                f"this tidefs reads format {K.FORMAT_VERSION}: replay it into a new directory "
+                "(a mount rebuilds an empty state directory from a snapshot and the log)"
             )
         stored = self._db.get(K.META_WINDOW)
         if stored is not None:
@@ -544,26 +546,64 @@ class State:
         """Return the slices of one chunk, oldest first: later ones overlay earlier ones."""
         if not 0 < ino <= K.U64_MAX or not 0 <= chunk_index <= K.U64_MAX:
             return []
-        raw = self._db.get(K.chunk_key(ino, chunk_index))
-        return [] if raw is None else K.decode_slices(raw)
+        prefix = K.chunk_key(ino, chunk_index)
+        return [K.decode_slice(v) for _k, v in self._scan(prefix, K.prefix_end(prefix))]
+
+    def slice_count(self, ino: int, chunk_index: int, limit: int) -> int:
+        """Return how many slices a chunk holds, counting no further than `limit`."""
+        if not 0 < ino <= K.U64_MAX or not 0 <= chunk_index <= K.U64_MAX:
+            return 0
+        prefix = K.chunk_key(ino, chunk_index)
+        n = 0
+        for _item in self._scan(prefix, K.prefix_end(prefix)):
+            n += 1
+            if n >= limit:
+                break
+        return n
 
     def chunks(self, ino: int) -> list[int]:
         """Return the indexes of the chunks of `ino` that hold slices, ascending."""
         if not 0 < ino <= K.U64_MAX:
             return []
         prefix = K.chunk_prefix(ino)
-        return [K.split_chunk_key(key)[1] for key, _v in self._scan(prefix, K.prefix_end(prefix))]
+        out: list[int] = []
+        for key, _v in self._scan(prefix, K.prefix_end(prefix)):
+            index = K.split_chunk_key(key)[1]
+            if not out or out[-1] != index:
+                out.append(index)
+        return out
 
     def outcome(self, request_id: bytes) -> Outcome | None:
         """Return the stored outcome of a request id, None if unknown or forgotten."""
         return _find_outcome(self._db.get, self._gensums, request_id)
 
+    def size_and_outcomes(
+        self, ino: int, request_ids: Sequence[bytes]
+    ) -> tuple[int | None, list[bool]]:
+        """Return (size of `ino`, whether each request id has an outcome), from one snapshot.
+
+        A writer with appends in flight asks this: an append whose outcome is
+        in the snapshot is in the size too, one without is not, so its
+        buffered bytes go right after that size; a fold between two separate
+        reads would show an append twice or not at all.
+        """
+        snap = self._db.snapshot()
+        try:
+            get = functools.partial(_snap_get, snap)
+            raw = get(K.inode_key(ino)) if 0 < ino <= K.U64_MAX else None
+            size = None if raw is None else K.decode_attr(ino, raw).size
+            # Read after the snapshot: every generation the snapshot holds is listed.
+            gensums = dict(self._gensums)
+            done = [_find_outcome(get, gensums, rid) is not None for rid in request_ids]
+        finally:
+            del snap, get
+        return size, done
+
     def iter_live_slices(self) -> Iterator[tuple[int, int, SliceRef]]:
         """Yield (inode, chunk index, slice) for every slice of every file."""
         for key, value in self._scan(K.TAG_CHUNK, K.prefix_end(K.TAG_CHUNK)):
             ino, index = K.split_chunk_key(key)
-            for s in K.decode_slices(value):
-                yield ino, index, s
+            yield ino, index, K.decode_slice(value)
 
     def orphans(self) -> list[int]:
         """Return the inodes with no links left that no Reclaim has dropped yet."""

@@ -439,7 +439,7 @@ def describe_key(key: bytes) -> str:
             return f"entry {os.fsdecode(name)!r} of directory {parent}"
         if tag == K.TAG_CHUNK:
             ino, index = K.split_chunk_key(key)
-            return f"slices of chunk {index} of inode {ino}"
+            return f"slice of chunk {index} of inode {ino} placed at offset {K.slice_sequence(key)}"
         if tag == K.TAG_XATTR:
             return f"xattr {os.fsdecode(key[9:])!r} of inode {K.key_inode(key)}"
         if tag == K.TAG_ORPHAN:
@@ -468,7 +468,8 @@ def describe_value(key: bytes, value: bytes | None) -> str | None:
             return f"inode {child} ({_KINDS.get(kind, f'type {kind:o}')})"
         if tag == K.TAG_CHUNK:
             return ", ".join(
-                f"{s.slice_id:016x}@{s.offset}+{s.length}" for s in K.decode_slices(value)
+                f"{s.slice_id:016x}@{s.offset}+{s.length}" + (f" skip {s.skip}" if s.skip else "")
+                for s in K.decode_slices(value)
             )
         if tag == K.TAG_OUTCOME:
             o = K.decode_outcome(value)

@@ -23,7 +23,18 @@ import pytest
 
 from chaos.checker import check
 from chaos.harness import Services
-from chaos.history import FAIL, OK, UNKNOWN, History, Lineage, Op, op_id_of, value
+from chaos.history import (
+    APPEND_LOG,
+    FAIL,
+    OK,
+    UNKNOWN,
+    History,
+    Lineage,
+    Op,
+    append_line,
+    op_id_of,
+    value,
+)
 from chaos.proxy import DROP, REFUSE, TcpProxy
 from chaos.scenarios import SCENARIOS, Context, Scenario, run_scenario
 from tests.harness.mount import fuse_available
@@ -154,6 +165,46 @@ def test_checker_rejects_a_stale_read_at_the_writing_region() -> None:
         read.status, read.seen = OK, seen
         v = check(h2, lin, {})
         assert (v.reads_wrong == 1) == stale, (region, seen)
+
+
+def _appends() -> History:
+    h = History()
+    for op_id, region, status in (
+        ("a-append1", "a", OK),
+        ("b-append1", "b", OK),
+        ("a-append2", "a", UNKNOWN),
+        ("b-append2", "b", FAIL),
+        ("a-append3", "a", OK),
+    ):
+        h.invoke(Op(op_id, region, "append", APPEND_LOG)).status = status
+    return h
+
+
+def test_checker_accepts_appends_in_any_interleaving_with_unknown_ones_or_not() -> None:
+    h = _appends()
+    for log in (
+        [b"a-append1", b"b-append1", b"a-append3"],
+        [b"b-append1", b"a-append1", b"a-append2", b"a-append3"],
+    ):
+        data = b"".join(append_line(x.decode()) for x in log)
+        assert check(h, Lineage(), {}, {"a": data, "b": data}).problems == []
+
+
+def test_checker_rejects_lost_duplicated_reordered_phantom_or_diverging_appends() -> None:
+    h = _appends()
+    bad = [
+        ["a-append1", "a-append3"],  # b's acknowledged line lost
+        ["a-append1", "b-append1", "a-append3", "a-append1"],  # a line twice
+        ["a-append3", "b-append1", "a-append1"],  # a's lines out of its order
+        ["a-append1", "b-append1", "b-append2", "a-append3"],  # a failed append appeared
+    ]
+    for log in bad:
+        data = b"".join(append_line(x) for x in log)
+        v = check(h, Lineage(), {}, {"a": data, "b": data})
+        assert v.problems and v.lost > 0, log
+    good = b"".join(append_line(x) for x in ("a-append1", "b-append1", "a-append3"))
+    other = b"".join(append_line(x) for x in ("b-append1", "a-append1", "a-append3"))
+    assert check(h, Lineage(), {}, {"a": good, "b": other}).problems
 
 
 def test_values_are_traceable() -> None:

