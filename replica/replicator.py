@@ -89,7 +89,7 @@ from typing import Any, cast
 from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
 from tidefs import private, telemetry
-from tidefs.journal import codec
+from tidefs.journal import codec, features
 from tidefs.journal.commands import (
     AddRegion,
     CommitSlice,
@@ -840,6 +840,9 @@ class Replicator:
         for rec in records:
             try:
                 env = codec.decode(rec.payload)
+                # A record enabling what this tidefs does not know stops the fold
+                # just before it; records after it may use that feature.
+                features.check_known(env)
             except codec.CodecError as exc:
                 # As the fold does: stop at the record, never guess what it commits.
                 self._error = f"record at offset {rec.offset}: {exc}"
