@@ -638,7 +638,7 @@ class Mount:
         """Flush, unmount, and release everything; safe after a partial open."""
         telemetry.shutdown()  # first: its last collection still reads the log and replica
         if self.publisher is not None:
-            self.publisher.stop()
+            self.publisher.stop(final=True)  # gc and the trim point stop counting this mount
         if self.invalidator is not None:
             self.invalidator.stop()
         if self.data is not None:

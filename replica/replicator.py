@@ -1237,7 +1237,7 @@ def run_replicator(
         restore()
         telemetry.shutdown()
         if publisher is not None:
-            publisher.stop()
+            publisher.stop(final=True)  # gc and the trim point stop counting this process
         if replicator is not None:
             replicator.close()
         if replica is not None:

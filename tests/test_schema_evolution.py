@@ -218,7 +218,8 @@ def test_upgrade_waits_for_every_region_that_published(
 
     # Region b still runs a tidefs that published no knowledge (an older one): refused.
     StatusPublisher(journal_url, journal_volume, "a", knowledge_fields).publish()
-    StatusPublisher(journal_url, journal_volume, "b", lambda: {"applied_offset": 0}).publish()
+    old_b = StatusPublisher(journal_url, journal_volume, "b", lambda: {"applied_offset": 0})
+    old_b.publish()
     status = json.loads(
         run_cli("status", journal_volume, "--journal", journal_url, "--json").stdout
     )
@@ -235,8 +236,15 @@ def test_upgrade_waits_for_every_region_that_published(
     with open_log(journal_url, journal_volume) as lg:
         assert lg.head() == 1  # nothing appended
 
-    # Once b runs a tidefs that knows it, upgrade enables everything; again, it says so.
-    StatusPublisher(journal_url, journal_volume, "b", knowledge_fields).publish()
+    # A second mount of b with a newer tidefs is not enough: the old one would stop its fold.
+    new_b = StatusPublisher(journal_url, journal_volume, "b", knowledge_fields)
+    new_b.publish()
+    refused = run_cli(*upgrade, check=False)
+    assert refused.returncode == 1
+    assert f"(mount {old_b.mount_id} on host {old_b.host})" in refused.stderr
+
+    # Once the old mount has stopped (it says so), upgrade enables everything; again, it says so.
+    old_b.stop(final=True)
     done = json.loads(run_cli(*upgrade, "--json").stdout)
     assert done["changed"] and done["schema_version"] == codec.CURRENT_VERSION
     assert done["features"] == sorted(features.KNOWN) and done["offset"] == 1
