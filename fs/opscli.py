@@ -690,6 +690,7 @@ def _region_remove(args: argparse.Namespace) -> int:
     from tidefs.journal import features
     from tidefs.journal.commands import RemoveRegion
     from tidefs.replica.fetch import open_region_stores
+    from tidefs.replica.status import LIVE_S, read_mounts
     from tidefs.replica.verify import sole_copies
 
     name = args.region
@@ -706,6 +707,21 @@ def _region_remove(args: argparse.Namespace) -> int:
         feature = features.missing(command, state.features())
         if feature is not None:
             raise _error(features.not_enabled(feature, args.volume))
+        # A mount still running there could commit a block after the check below.
+        now = time.time_ns()
+        since = now - int(LIVE_S * 1e9)
+        live = [
+            m
+            for m in read_mounts(args.journal, args.volume, since_ns=since).values()
+            if m.region == name and m.live(now)
+        ]
+        if live:
+            who = ", ".join(f"mount {m.mount_id or '?'} on host {m.host or '?'}" for m in live)
+            raise _error(
+                f"region {name} still runs {len(live)} process(es) ({who}): stop them first "
+                f"(tidefs umount), since what they write would have its only copy in {name}; "
+                f"one killed counts until it has not reported for {LIVE_S / 60:g} minutes"
+            )
         stores.update(open_region_stores([r for r in vol.regions if r.name not in stores]))
         regions = {r.name: stores[r.name] for r in vol.regions}
         try:

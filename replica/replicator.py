@@ -1208,6 +1208,16 @@ def run_replicator(
         while not stop.is_set():
             if replica.error is not None:
                 raise ReplicatorError(f"the replicator's fold stopped: {replica.error}")
+            now_vol = state.volume()
+            if now_vol is not None and now_vol.region(region) is None:
+                # `tidefs region remove`: nothing is copied here for anyone any more.
+                print(
+                    f"tidefs replicate: region {region} was removed from volume {volume} "
+                    f"(applied offset {state.applied_offset()}): nothing left to replicate; "
+                    "stopping",
+                    file=sys.stderr,
+                )
+                return 0
             if once:
                 if replicator._wait_idle(mark, min(0.5, max(0.0, deadline - time.monotonic()))):
                     _report(replicator, logging.INFO)

@@ -102,6 +102,10 @@ class RegionStatus:
     """The process said in this, its last report, that it stopped cleanly."""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def live(self, now_ns: int, live_s: float = LIVE_S) -> bool:
+        """Whether the process still counts: it did not stop, and reported within `live_s`."""
+        return not self.stopped and now_ns - self.published_ns <= live_s * 1e9
+
     def knows(self, schema_version: int, names: Iterable[str]) -> bool:
         """Whether this region's tidefs knows `schema_version` and every feature in `names`."""
         return schema_version <= self.knows_schema and set(names) <= set(self.knows_features)
@@ -453,7 +457,7 @@ def counted_mounts(
         by_region.setdefault(st.region, []).append(st)
     out: dict[str, list[RegionStatus]] = {}
     for region, sts in sorted(by_region.items()):
-        live = [s for s in sts if not s.stopped and now - s.published_ns <= live_s * 1e9]
+        live = [s for s in sts if s.live(now, live_s)]
         out[region] = live or [max(sts, key=lambda s: s.report_offset)]
     return out
 
@@ -476,11 +480,11 @@ def lowest_live_offsets(
         dead = [
             f"{_mount_name(s, now)} at offset {s.applied_offset}, presumed killed"
             for s in mounts.values()
-            if s.region == region and not s.stopped and now - s.published_ns > live_s * 1e9
+            if s.region == region and not s.stopped and not s.live(now, live_s)
         ]
         st = min(sts, key=lambda s: (s.applied_offset, s.report_offset))
         why = _mount_name(st, now)
-        if st.stopped or now - st.published_ns > live_s * 1e9:
+        if not st.live(now, live_s):
             state = "stopped" if st.stopped else "presumed killed"
             why = f"no live mount; newest report from {why}, {state}"
         out[region] = RegionOffset(region, st.applied_offset, why, dead)
