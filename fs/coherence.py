@@ -63,7 +63,7 @@ from tidefs.journal.commands import (
     Reclaim,
     new_request_id,
 )
-from tidefs.replica.replica import ReplicaError, SubmitTimeout
+from tidefs.replica.replica import RegionRemoved, ReplicaError, SubmitTimeout
 
 if TYPE_CHECKING:
     from tidefs.replica.replica import Replica
@@ -145,9 +145,13 @@ class OwnRequests:
         self._closed = False
         self.batches = 0
         """How many batches the committer appended (fewer than commands when it batched)."""
+        self.removed: RegionRemoved | None = None
+        """Set once the fold removed this mount's region: every later command is refused."""
 
     def submit(self, command: Command, request_id: bytes | None = None) -> Outcome:
         """Submit and wait for the outcome (any thread but the trio thread)."""
+        if self.removed is not None:
+            raise self.removed
         req = _Request(command, request_id or new_request_id(), time.monotonic() + self.timeout)
         finished = threading.Event()
         req.done = lambda _req: finished.set()
@@ -158,6 +162,8 @@ class OwnRequests:
 
     async def submit_async(self, command: Command, request_id: bytes | None = None) -> Outcome:
         """Submit from the trio thread and wait for the outcome without a worker thread."""
+        if self.removed is not None:
+            raise self.removed
         req = _Request(command, request_id or new_request_id(), time.monotonic() + self.timeout)
         req.task = trio.lowlevel.current_task()
         req.token = trio.lowlevel.current_trio_token()
@@ -181,6 +187,9 @@ class OwnRequests:
         dropped and `done(None, None)` is called. The command does not start a
         batch of its own: it joins the next one, or goes after `LAZY_DELAY_S`.
         """
+        if self.removed is not None:
+            done(None, self.removed)
+            return
         req = _Request(command, new_request_id(), time.monotonic() + self.timeout)
         req.lazy = True
         req.ready = ready

@@ -119,6 +119,7 @@ from tidefs.journal.commands import (
     new_request_id,
 )
 from tidefs.replica.blocks import CorruptBlockError, StoreError, block_key, new_slice_id
+from tidefs.replica.replica import RegionRemoved
 from tidefs.replica.store import FileStore
 
 if TYPE_CHECKING:
@@ -1043,6 +1044,8 @@ class DataPath:
             return self.submit(command, ext.request_id)
         except DataError:
             raise
+        except RegionRemoved as exc:
+            raise DataError(errno.EROFS, str(exc)) from exc
         except Exception as exc:
             log.error("cannot commit to the log: %s", exc)
             raise DataError(errno.EIO, f"log unavailable: {exc}") from exc

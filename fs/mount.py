@@ -55,13 +55,13 @@ from tidefs import private, telemetry
 from tidefs.journal.log import KAFKA_CONFIG_ENV, redact_url
 
 if TYPE_CHECKING:
-    from tidefs.fs.coherence import Invalidator, OwnRequests
+    from tidefs.fs.coherence import Invalidator, ObservedState, OwnRequests
     from tidefs.fs.data import DataPath
     from tidefs.fs.ops import TideOps
     from tidefs.journal.log import Log
     from tidefs.replica.fetch import BlockFetcher
     from tidefs.replica.replica import Replica
-    from tidefs.replica.state import State
+    from tidefs.replica.state import ApplyResult, State
     from tidefs.replica.store import BlockStore
 
 log = logging.getLogger(__name__)
@@ -439,6 +439,7 @@ class Mount:
         )
         self.invalidator = Invalidator(observed, own)
         self.replica.add_listener(self.invalidator.on_apply)
+        self.replica.add_listener(self._removal_watch(observed))
         self.replica.start()
         if cfg.replicate:
             self.replicator = _start_replicator(self)
@@ -463,6 +464,37 @@ class Mount:
             raise MountError(
                 f"cannot serve metrics on {cfg.metrics_host} port {cfg.metrics_port}: {exc}"
             ) from exc
+
+    def _removal_watch(self, observed: ObservedState) -> Callable[[ApplyResult], None]:
+        """A listener that stops this mount's changes once the fold removes its region.
+
+        Its writes could no longer be committed (a slice's home must be a region
+        of the volume), and no other region would read this region's store.
+        """
+        from tidefs.journal.commands import RemoveRegion
+        from tidefs.replica.replica import RegionRemoved
+
+        cfg, own, state = self.cfg, self.own, self.state
+        assert own is not None and state is not None
+
+        def watch(_result: ApplyResult) -> None:
+            if own.removed is not None:
+                return
+            for offset, env in observed.last_batch:
+                cmd = env.command
+                if not (isinstance(cmd, RemoveRegion) and cmd.name == cfg.region):
+                    continue
+                vol = state.volume()
+                if vol is not None and vol.region(cfg.region) is None:
+                    own.removed = RegionRemoved(
+                        f"region {cfg.region} was removed from volume {cfg.volume} at offset "
+                        f"{offset}: this mount refuses every change from now on (EROFS) and "
+                        "still serves reads; unmount it"
+                    )
+                    log.error("%s", own.removed)
+                    return
+
+        return watch
 
     def _check_private(self) -> None:
         """Warn about local files other users can reach (refuse them with `strict`).
@@ -638,7 +670,7 @@ class Mount:
         """Flush, unmount, and release everything; safe after a partial open."""
         telemetry.shutdown()  # first: its last collection still reads the log and replica
         if self.publisher is not None:
-            self.publisher.stop()
+            self.publisher.stop(final=True)  # gc and the trim point stop counting this mount
         if self.invalidator is not None:
             self.invalidator.stop()
         if self.data is not None:

@@ -71,6 +71,7 @@ from tidefs.journal.commands import (
 from tidefs.journal.commands import (
     RENAME_NOREPLACE as CMD_RENAME_NOREPLACE,
 )
+from tidefs.replica.replica import RegionRemoved
 
 if TYPE_CHECKING:
     from tidefs.replica.keys import Attr
@@ -725,5 +726,7 @@ def _accepted(outcome: Outcome) -> Outcome:
 
 def _unsubmitted(command: Command, exc: Exception) -> pyfuse3.FUSEError:
     """The error of a command that never got an outcome: logged, and EIO to the caller."""
+    if isinstance(exc, RegionRemoved):
+        return pyfuse3.FUSEError(errno.EROFS)  # the mount said so once, when it happened
     log.error("cannot submit %s: %s", type(command).__name__, exc)
     return pyfuse3.FUSEError(errno.EIO)

@@ -230,7 +230,7 @@ def _snapshot_list(args: argparse.Namespace) -> int:
         list_snapshots,
         log_trim_point,
     )
-    from tidefs.replica.status import read_status
+    from tidefs.replica.status import read_live_offsets
 
     with _volume(args) as (lg, info, stores):
         store = _region_store(stores, info, args.region)
@@ -239,10 +239,16 @@ def _snapshot_list(args: argparse.Namespace) -> int:
         everywhere = [
             s for r in info.regions for s in list_snapshots(stores[r.name], volume=args.volume)
         ]
-        applied = {n: st.applied_offset for n, st in read_status(args.journal, args.volume).items()}
+        offsets = read_live_offsets(args.journal, args.volume, metadata_log=lg)
+        applied = {n: o.applied_offset for n, o in offsets.items()}
         trim, why = log_trim_point(
             lg, everywhere, applied, [r.name for r in info.regions], retention_s=info.retention_s
         )
+        names = {r.name for r in info.regions}
+        counted = [o for o in offsets.values() if o.region in names]
+        if counted and trim == min(o.applied_offset for o in counted) + 1:
+            held = min(counted, key=lambda o: o.applied_offset)
+            why += f" (region {held.region}: {held.why})"
     lines = [f"{'offset':>12} {'bytes':>12} {'created':<20} id"]
     for s in snaps:
         created = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(s.created_ns / 1e9))
@@ -254,11 +260,14 @@ def _snapshot_list(args: argparse.Namespace) -> int:
             f"{len(incomplete)} incomplete snapshot(s) (no manifest): {', '.join(incomplete)}"
         )
     lines.append(f"the log may be trimmed below offset {trim} ({why})")
+    dead = [f"region {o.region}: {d}" for o in counted for d in o.presumed_dead]
+    lines += [f"not counted: {d}" for d in dead]
     result = {
         "snapshots": [s.as_dict() for s in snaps],
         "incomplete": incomplete,
         "log_trim_offset": trim,
         "log_trim_reason": why,
+        "presumed_dead": dead,
     }
     _emit(args, result, lines)
     return 0
@@ -542,7 +551,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     from tidefs.replica.gc import apply_gc, plan_gc
     from tidefs.replica.state import State
-    from tidefs.replica.status import read_status
+    from tidefs.replica.status import read_live_offsets
 
     dirs = _state_dirs(args.state_dir)
     bars = Bars(args.quiet)
@@ -550,12 +559,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
         _volume(args) as (lg, _info, stores),
         tempfile.TemporaryDirectory(prefix="tidefs-gc-", dir=args.work_dir) as work,
     ):
-        applied = {
-            name: st.applied_offset for name, st in read_status(args.journal, args.volume).items()
-        }
+        offsets = read_live_offsets(args.journal, args.volume, metadata_log=lg)
+        applied = {name: o.applied_offset for name, o in offsets.items()}
+        held_by = {name: o.why for name, o in offsets.items()}
         for name, path in dirs.items():
             with State.open(path, read_only=True) as state:
                 applied[name] = state.applied_offset()
+            held_by[name] = f"state directory {path}"
         regions = _regions_only(stores)
         plan = plan_gc(
             lg,
@@ -572,12 +582,29 @@ def cmd_gc(args: argparse.Namespace) -> int:
             raise _error(plan.blocked)
         deleted = apply_gc(regions, plan, progress=bars) if args.apply else 0
     bars.finish()
-    result = {**plan.as_dict(), "applied_deletes": deleted, "dry_run": not args.apply}
+    dead = [
+        f"region {o.region}: {d}"
+        for o in offsets.values()
+        if o.region in plan.regions and o.region not in dirs
+        for d in o.presumed_dead
+    ]
+    result = {
+        **plan.as_dict(),
+        "applied_deletes": deleted,
+        "dry_run": not args.apply,
+        "held_by": {name: held_by[name] for name in plan.regions if name in held_by},
+        "presumed_dead": dead,
+    }
     region_lines = [
         f"region {name}: "
-        + (f"applied offset {plan.applied[name]}" if name in plan.applied else "never published")
+        + (
+            f"applied offset {plan.applied[name]}, {held_by[name]}"
+            if name in plan.applied
+            else "never published"
+        )
         for name in plan.regions
     ]
+    region_lines += [f"not counted: {d}" for d in dead]
     if plan.blocked is not None:
         lines = [*region_lines, f"nothing can be deleted: {plan.blocked}"]
     else:
@@ -663,6 +690,7 @@ def _region_remove(args: argparse.Namespace) -> int:
     from tidefs.journal import features
     from tidefs.journal.commands import RemoveRegion
     from tidefs.replica.fetch import open_region_stores
+    from tidefs.replica.status import LIVE_S, read_mounts
     from tidefs.replica.verify import sole_copies
 
     name = args.region
@@ -679,6 +707,21 @@ def _region_remove(args: argparse.Namespace) -> int:
         feature = features.missing(command, state.features())
         if feature is not None:
             raise _error(features.not_enabled(feature, args.volume))
+        # A mount still running there could commit a block after the check below.
+        now = time.time_ns()
+        since = now - int(LIVE_S * 1e9)
+        live = [
+            m
+            for m in read_mounts(args.journal, args.volume, since_ns=since).values()
+            if m.region == name and m.live(now)
+        ]
+        if live:
+            who = ", ".join(f"mount {m.mount_id or '?'} on host {m.host or '?'}" for m in live)
+            raise _error(
+                f"region {name} still runs {len(live)} process(es) ({who}): stop them first "
+                f"(tidefs umount), since what they write would have its only copy in {name}; "
+                f"one killed counts until it has not reported for {LIVE_S / 60:g} minutes"
+            )
         stores.update(open_region_stores([r for r in vol.regions if r.name not in stores]))
         regions = {r.name: stores[r.name] for r in vol.regions}
         try:
@@ -724,7 +767,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     import os
 
     from tidefs.journal import features
-    from tidefs.replica.status import read_status
+    from tidefs.replica.status import LIVE_S, counted_mounts, read_mounts
 
     target = features.enable_all()
     before: dict[str, Any] = {}
@@ -736,14 +779,20 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         if target.schema_version <= enabled.schema_version and not new:
             raise _AlreadyEnabled(enabled)
         if not args.force:
-            statuses = read_status(args.journal, args.volume)
+            # Every live mount of a region must know it: any one would stop its fold.
+            since = time.time_ns() - int(LIVE_S * 1e9)
+            mounts = counted_mounts(read_mounts(args.journal, args.volume, since_ns=since))
             for region in (r.name for r in vol.regions):
-                st = statuses.get(region)
-                if st is None or not st.published or st.knows(target.schema_version, new):
+                st = next(
+                    (m for m in mounts.get(region, ()) if not m.knows(target.schema_version, new)),
+                    None,
+                )
+                if st is None:
                     continue
                 knows = f"schema v{st.knows_schema}" if st.knows_schema else "an older schema"
+                where = f" (mount {st.mount_id} on host {st.host})" if st.mount_id else ""
                 raise _error(
-                    f"region {region} runs a tidefs that knows {knows}, not schema "
+                    f"region {region} runs a tidefs that knows {knows}{where}, not schema "
                     f"v{target.schema_version}"
                     + (f" with {', '.join(new)}" if new else "")
                     + ": upgrade tidefs there first (tidefs status shows what each region "

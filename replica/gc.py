@@ -14,9 +14,10 @@ block only when all of these hold:
    accepts exactly those offsets, so it never meets a collected block.
 2. Every region is past it. No region's state may still show the slice: the
    states at offsets >= the lowest applied offset of any region are protected
-   too. Regions publish their applied offsets in the status log
-   (`tidefs.replica.status`); an operator can name a region's state directory
-   instead. A region whose offset is unknown could be at offset -1, so then
+   too. Regions publish their applied offsets in the status log, and a
+   region's figure is its live mount furthest behind
+   (`tidefs.replica.status.lowest_live_offsets`); an operator can name a
+   region's state directory instead. A region whose offset is unknown could be at offset -1, so then
    nothing is deleted at all (the plan says which region is missing). The
    regions are those of the volume at the head: a region removed by
    RemoveRegion no longer counts, and its store is left alone.

@@ -50,6 +50,10 @@ class FoldStopped(ReplicaError):
     """The fold hit a record it cannot apply; the state stays at the offset before it."""
 
 
+class RegionRemoved(ReplicaError):
+    """The region a mount serves was removed from the volume: it takes no more changes."""
+
+
 class SubmitTimeout(ReplicaError):
     """A command was appended (or may have been) but not applied here in time."""
 

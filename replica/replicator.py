@@ -89,7 +89,7 @@ from typing import Any, cast
 from rocksdict import Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
 from tidefs import private, telemetry
-from tidefs.journal import codec
+from tidefs.journal import codec, features
 from tidefs.journal.commands import (
     AddRegion,
     CommitSlice,
@@ -846,6 +846,9 @@ class Replicator:
         for rec in records:
             try:
                 env = codec.decode(rec.payload)
+                # A record enabling what this tidefs does not know stops the fold
+                # just before it; records after it may use that feature.
+                features.check_known(env)
             except codec.CodecError as exc:
                 # As the fold does: stop at the record, never guess what it commits.
                 self._error = f"record at offset {rec.offset}: {exc}"
@@ -1226,6 +1229,16 @@ def run_replicator(
         while not stop.is_set():
             if replica.error is not None:
                 raise ReplicatorError(f"the replicator's fold stopped: {replica.error}")
+            now_vol = state.volume()
+            if now_vol is not None and now_vol.region(region) is None:
+                # `tidefs region remove`: nothing is copied here for anyone any more.
+                print(
+                    f"tidefs replicate: region {region} was removed from volume {volume} "
+                    f"(applied offset {state.applied_offset()}): nothing left to replicate; "
+                    "stopping",
+                    file=sys.stderr,
+                )
+                return 0
             if once:
                 if replicator._wait_idle(mark, min(0.5, max(0.0, deadline - time.monotonic()))):
                     _report(replicator, logging.INFO)
@@ -1255,7 +1268,7 @@ def run_replicator(
         restore()
         telemetry.shutdown()
         if publisher is not None:
-            publisher.stop()
+            publisher.stop(final=True)  # gc and the trim point stop counting this process
         if replicator is not None:
             replicator.close()
         if replica is not None:

@@ -9,10 +9,18 @@ commands, must not move the head they measure, and must not enter the fold.
 
 A region may run many mounts, on one host or several: each report names its
 host and a mount id drawn at random when the publishing process starts, so
-`tidefs status` and `tidefs top` show one row per mount (`read_mounts`), while
-callers that need one figure per region (gc, the log's trim point) take the
-newest report of each region (`read_status`). The mount id is no fact of the
-fold: status reports never enter it.
+`tidefs status` and `tidefs top` show one row per mount (`read_mounts`). The
+mount id is no fact of the fold: status reports never enter it.
+
+gc and the log's trim point must not pass any running mount of a region, so
+they take the lowest applied offset among the region's live mounts
+(`lowest_live_offsets`). A mount that stops cleanly publishes a last report
+marked `stopped`: it no longer counts (a state that restarts catches up with
+the log before it serves, so it needs no old record or block). A killed mount
+publishes nothing more; it counts while its newest report is younger than
+`LIVE_S` (it may be cut off from the journal yet still serving), and is then
+presumed dead and named, never silently waited for. A region with no live
+mount counts at its newest report, as it would resume from there.
 
 `tidefs status` reads the tail of that log, keeps the newest report of every
 mount, and computes lag against the metadata log's head as it is *now*: in
@@ -54,6 +62,9 @@ STATUS_SUFFIX = ".status"
 TAIL_RECORDS = 2000
 """How many recent reports `read_status` scans for the newest of each region."""
 
+LIVE_S = 600.0
+"""A mount that has not reported for this long (and did not say it stopped) is presumed killed."""
+
 
 def status_volume(volume: str) -> str:
     """Return the name under which `volume`'s status log is stored."""
@@ -87,7 +98,13 @@ class RegionStatus:
     knows_features: list[str] = field(default_factory=list)
     published: bool = True
     """False for a region of the volume that never published a report."""
+    stopped: bool = False
+    """The process said in this, its last report, that it stopped cleanly."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def live(self, now_ns: int, live_s: float = LIVE_S) -> bool:
+        """Whether the process still counts: it did not stop, and reported within `live_s`."""
+        return not self.stopped and now_ns - self.published_ns <= live_s * 1e9
 
     def knows(self, schema_version: int, names: Iterable[str]) -> bool:
         """Whether this region's tidefs knows `schema_version` and every feature in `names`."""
@@ -136,19 +153,25 @@ class StatusPublisher:
             self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop publishing and close the status log."""
+    def stop(self, *, final: bool = False) -> None:
+        """Stop publishing and close the status log.
+
+        With `final`, first append a last report marked `stopped`, so that gc
+        and the log's trim point stop counting this process at once.
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if final:
+            self.publish_final(stopped=True)
         with self._lock:
             if self._log is not None:
                 self._log.close()
                 self._log = None
 
-    def publish(self) -> None:
-        """Append one report now."""
+    def publish(self, *, stopped: bool = False) -> None:
+        """Append one report now (`stopped`: the last one of this process)."""
         with self._lock:
             if self._log is None:
                 self._log = open_log(self.journal_url, status_volume(self.volume))
@@ -159,14 +182,18 @@ class StatusPublisher:
                 "published_ns": time.time_ns(),
                 **self.collect(),
             }
+            if stopped:
+                report["stopped"] = True
             self._log.append(json.dumps(report, sort_keys=True).encode())
 
-    def publish_final(self) -> None:
+    def publish_final(self, *, stopped: bool = False) -> None:
         """Append one report now, so that the last figures are current; a failure only warns."""
         try:
-            self.publish()
+            self.publish(stopped=stopped)
         except JournalError as exc:
             log.warning("could not publish status: %s", exc)
+        except Exception:
+            log.exception("status collection failed")
 
     def _run(self) -> None:
         while True:
@@ -231,14 +258,20 @@ def region_fields(
     return fields
 
 
-def _reports(journal_url: str, volume: str, tail: int) -> Iterator[tuple[int, dict[str, Any]]]:
+def _reports(
+    journal_url: str, volume: str, tail: int, since_ns: int | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (offset, report) for the newest `tail` records of the status log, oldest first.
 
+    With `since_ns`, every record appended since then too, however many.
     A record that is not a JSON object naming its region is logged and skipped.
     """
     with open_log(journal_url, status_volume(volume)) as slog:
         head = slog.head()
-        offset = max(slog.start(), head - tail)
+        first = head - tail
+        if since_ns is not None:
+            first = min(first, slog.offset_for_time(since_ns))
+        offset = max(slog.start(), first)
         while offset < head:
             records = slog.read(offset, max_records=1000, timeout=1.0)
             if not records:
@@ -330,14 +363,20 @@ def newest_per_region(mounts: dict[MountKey, RegionStatus]) -> dict[str, RegionS
 
 
 def read_mounts(
-    journal_url: str, volume: str, *, metadata_log: Log | None = None
+    journal_url: str,
+    volume: str,
+    *,
+    metadata_log: Log | None = None,
+    since_ns: int | None = None,
 ) -> dict[MountKey, RegionStatus]:
     """Return the newest status of every mount, by (region, host, mount id), with lag computed now.
 
-    Sorted by that key, so that a region's mounts are listed together.
+    Sorted by that key, so that a region's mounts are listed together. With
+    `since_ns`, every mount that reported since then is found, however many
+    reports others appended meanwhile.
     """
     reports: dict[MountKey, tuple[int, dict[str, Any]]] = {}
-    for offset, report in _reports(journal_url, volume, TAIL_RECORDS):
+    for offset, report in _reports(journal_url, volume, TAIL_RECORDS, since_ns):
         key = (str(report["region"]), str(report.get("host", "")), str(report.get("mount_id", "")))
         reports[key] = (offset, report)
     own = metadata_log is None
@@ -375,6 +414,7 @@ def read_mounts(
                 state_before_log_start=applied + 1 < m_start,
                 knows_schema=int(rep.get("knows_schema", 0)),
                 knows_features=sorted(str(f) for f in rep.get("knows_features", ())),
+                stopped=bool(rep.get("stopped", False)),
                 extra={k: v for k, v in rep.items() if k not in known},
             )
             out[region, host, mount_id] = status
@@ -382,6 +422,82 @@ def read_mounts(
     finally:
         if own:
             mlog.close()
+
+
+@dataclass
+class RegionOffset:
+    """The applied offset gc and the log's trim point take for one region, and why."""
+
+    region: str
+    applied_offset: int
+    why: str
+    """Which mount decided it: "mount 1a2b on host h (report 3s old)"."""
+    presumed_dead: list[str] = field(default_factory=list)
+    """The region's mounts silent for longer than the bound, no longer waited for."""
+
+
+def _mount_name(st: RegionStatus, now_ns: int) -> str:
+    age = max(0.0, (now_ns - st.published_ns) / 1e9)
+    return f"mount {st.mount_id or '?'} on host {st.host or '?'} (report {age:.0f}s old)"
+
+
+def counted_mounts(
+    mounts: dict[MountKey, RegionStatus],
+    *,
+    now_ns: int | None = None,
+    live_s: float = LIVE_S,
+) -> dict[str, list[RegionStatus]]:
+    """Per region, the mounts that count: the live ones, or else the newest report alone.
+
+    Live: not stopped, and reported within `live_s` (see the module doc).
+    """
+    now = time.time_ns() if now_ns is None else now_ns
+    by_region: dict[str, list[RegionStatus]] = {}
+    for st in mounts.values():
+        by_region.setdefault(st.region, []).append(st)
+    out: dict[str, list[RegionStatus]] = {}
+    for region, sts in sorted(by_region.items()):
+        live = [s for s in sts if s.live(now, live_s)]
+        out[region] = live or [max(sts, key=lambda s: s.report_offset)]
+    return out
+
+
+def lowest_live_offsets(
+    mounts: dict[MountKey, RegionStatus],
+    *,
+    now_ns: int | None = None,
+    live_s: float = LIVE_S,
+) -> dict[str, RegionOffset]:
+    """Return, per region, the lowest applied offset of its live mounts (see the module doc).
+
+    Live: not stopped, and reported within `live_s`. A region with no live
+    mount takes its newest report, stopped or not.
+    """
+    now = time.time_ns() if now_ns is None else now_ns
+    counted = counted_mounts(mounts, now_ns=now, live_s=live_s)
+    out: dict[str, RegionOffset] = {}
+    for region, sts in counted.items():
+        dead = [
+            f"{_mount_name(s, now)} at offset {s.applied_offset}, presumed killed"
+            for s in mounts.values()
+            if s.region == region and not s.stopped and not s.live(now, live_s)
+        ]
+        st = min(sts, key=lambda s: (s.applied_offset, s.report_offset))
+        why = _mount_name(st, now)
+        if not st.live(now, live_s):
+            state = "stopped" if st.stopped else "presumed killed"
+            why = f"no live mount; newest report from {why}, {state}"
+        out[region] = RegionOffset(region, st.applied_offset, why, dead)
+    return out
+
+
+def read_live_offsets(
+    journal_url: str, volume: str, *, metadata_log: Log | None = None
+) -> dict[str, RegionOffset]:
+    """`lowest_live_offsets` of every mount that reported within `LIVE_S`, and any later ones."""
+    since = time.time_ns() - int(LIVE_S * 1e9)
+    mounts = read_mounts(journal_url, volume, metadata_log=metadata_log, since_ns=since)
+    return lowest_live_offsets(mounts)
 
 
 REGION_SCAN_RECORDS = 200_000

@@ -11,13 +11,18 @@ directory stores.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.test_snapshot import BS, OpsVolume, data, ops_volume, run_cli
+from tests.harness.mount import MountFactory
+from tests.test_snapshot import BS, TIDEFS, OpsVolume, data, ops_volume, run_cli
 from tidefs.journal.commands import ROOT_INODE
 from tidefs.journal.log import open_log
 from tidefs.replica.replica import fold_range
@@ -44,9 +49,9 @@ def test_region_names_are_checked_as_format_checks_them(spec: str, tmp_path: Pat
 
 
 def publish(vol: OpsVolume, region: str) -> None:
-    """Publish `region`'s status as its mount would: applied offset, digest, what it knows."""
+    """Publish `region`'s status as its mount would, then its last report as it unmounts."""
     state = vol.state(region)
-    StatusPublisher(
+    publisher = StatusPublisher(
         vol.journal_url,
         vol.name,
         region,
@@ -55,7 +60,9 @@ def publish(vol: OpsVolume, region: str) -> None:
             **digest_fields(state),
             **knowledge_fields(),
         },
-    ).publish()
+    )
+    publisher.publish()
+    publisher.stop(final=True)
 
 
 def test_region_remove_undoes_a_region_and_every_region_is_listed(
@@ -125,6 +132,15 @@ def test_region_remove_undoes_a_region_and_every_region_is_listed(
         "replicate", vol.name, "--journal", journal, "--region", "a", "--once",
         "--state-dir", str(tmp_path / "replicate-a"), "--timeout", "120",
     )  # fmt: skip
+    # While a process of b still runs, what it writes could have its only copy there: refused.
+    running = StatusPublisher(
+        journal, vol.name, "b", lambda: {"applied_offset": 0}, host="h2", mount_id="b9"
+    )
+    running.publish()
+    refused = run_cli("region", "remove", vol.name, "b", *cli, check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused
+    assert "mount b9 on host h2" in refused.stderr and "tidefs umount" in refused.stderr
+    running.stop(final=True)
     run_cli("region", "remove", vol.name, "b", *cli)
     vol.sync("a")
     assert [r.name for r in vol.state("a").volume().regions] == ["a"]  # type: ignore[union-attr]
@@ -161,3 +177,62 @@ def test_a_badly_named_region_an_older_tidefs_added_can_be_removed(tmp_path: Pat
         run_cli("gc", "v1", *cli, "--json", "--state-dir", f"a={tmp_path / 's'}").stdout
     )
     assert gc["blocked"] is None and gc["regions"] == ["a"]
+
+
+def test_a_mount_and_a_replicator_of_a_removed_region_stop_changing_it(
+    mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    """Once the fold removes its region, a mount refuses changes (EROFS) and still serves reads.
+
+    `region remove` refuses while the mount runs; a RemoveRegion appended anyway
+    (by an older tidefs, or with the mount silent) stops it with one log line, and
+    a `tidefs replicate` of that region exits with one line.
+    """
+    from tidefs.journal.commands import RemoveRegion
+    from tidefs.replica.replica import Replica
+    from tidefs.replica.state import State
+
+    stores = [(n, (tmp_path / f"store-{n}").as_uri()) for n in ("a", "b")]
+    m = mount_factory(regions=stores, region="b")
+    (m.path / "dir").mkdir()
+    (m.path / "dir" / "kept").symlink_to("target")  # metadata only: no block in b alone
+    cli = ["--journal", m.journal_url]
+    refused = run_cli("region", "remove", m.volume, "b", *cli, check=False)
+    assert refused.returncode == 1 and "still runs 1 process(es)" in refused.stderr, refused
+
+    replicate = subprocess.Popen(
+        [*TIDEFS, "replicate", m.volume, *cli, "--region", "b",
+         "--state-dir", str(tmp_path / "replicate-b")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the replicator has published beside the mount
+            status = json.loads(run_cli("status", m.volume, *cli, "--json").stdout)
+            if len(status.get("b", {}).get("mounts", [])) == 2:
+                break
+            assert time.monotonic() < deadline and replicate.poll() is None
+            time.sleep(0.5)
+        with open_log(m.journal_url, m.volume) as lg, State.open(tmp_path / "s") as state:
+            fold_range(lg, state)
+            assert Replica(lg, state, "a").submit(RemoveRegion("b")).ok
+        _out, err = replicate.communicate(timeout=60)
+    finally:
+        if replicate.poll() is None:
+            replicate.kill()
+            replicate.wait()
+    assert replicate.returncode == 0, err
+    assert err.count("\n") == 1 and "region b was removed from volume" in err, err
+
+    deadline = time.monotonic() + 30
+    while "was removed from volume" not in m.log_tail(200):
+        assert time.monotonic() < deadline, m.log_tail(200)
+        time.sleep(0.2)
+    with pytest.raises(OSError) as refused_write:
+        (m.path / "new").write_bytes(b"x")
+    assert refused_write.value.errno == errno.EROFS
+    with pytest.raises(OSError) as refused_mkdir:
+        (m.path / "dir" / "sub").mkdir()
+    assert refused_mkdir.value.errno == errno.EROFS
+    assert os.readlink(m.path / "dir" / "kept") == "target"  # reads still served
+    assert m.log_tail(400).count("was removed from volume") == 1

@@ -26,18 +26,24 @@ from tidefs.fs.volume import format_volume
 from tidefs.journal import codec, features
 from tidefs.journal.commands import (
     ROOT_INODE,
+    CommitSlice,
     CreateVolume,
     EnableFeatures,
     Envelope,
     Mkdir,
+    Mknod,
     Region,
     RemoveRegion,
+    SliceRef,
     new_request_id,
 )
 from tidefs.journal.log import open_log
+from tidefs.replica.blocks import block_key, new_slice_id
 from tidefs.replica.replica import CommandRejected, FoldStopped, Replica, fold_range
+from tidefs.replica.replicator import Replicator
 from tidefs.replica.state import State
 from tidefs.replica.status import StatusPublisher, knowledge_fields, read_status
+from tidefs.replica.store import open_store
 
 REGIONS = (Region("a", "file:///unused-a"), Region("b", "file:///unused-b"))
 
@@ -212,7 +218,8 @@ def test_upgrade_waits_for_every_region_that_published(
 
     # Region b still runs a tidefs that published no knowledge (an older one): refused.
     StatusPublisher(journal_url, journal_volume, "a", knowledge_fields).publish()
-    StatusPublisher(journal_url, journal_volume, "b", lambda: {"applied_offset": 0}).publish()
+    old_b = StatusPublisher(journal_url, journal_volume, "b", lambda: {"applied_offset": 0})
+    old_b.publish()
     status = json.loads(
         run_cli("status", journal_volume, "--journal", journal_url, "--json").stdout
     )
@@ -229,8 +236,15 @@ def test_upgrade_waits_for_every_region_that_published(
     with open_log(journal_url, journal_volume) as lg:
         assert lg.head() == 1  # nothing appended
 
-    # Once b runs a tidefs that knows it, upgrade enables everything; again, it says so.
-    StatusPublisher(journal_url, journal_volume, "b", knowledge_fields).publish()
+    # A second mount of b with a newer tidefs is not enough: the old one would stop its fold.
+    new_b = StatusPublisher(journal_url, journal_volume, "b", knowledge_fields)
+    new_b.publish()
+    refused = run_cli(*upgrade, check=False)
+    assert refused.returncode == 1
+    assert f"(mount {old_b.mount_id} on host {old_b.host})" in refused.stderr
+
+    # Once the old mount has stopped (it says so), upgrade enables everything; again, it says so.
+    old_b.stop(final=True)
     done = json.loads(run_cli(*upgrade, "--json").stdout)
     assert done["changed"] and done["schema_version"] == codec.CURRENT_VERSION
     assert done["features"] == sorted(features.KNOWN) and done["offset"] == 1
@@ -307,3 +321,58 @@ def test_each_feature_is_what_its_schema_version_added(feature: features.Feature
     assert not has(feature.schema_version - 1), "an older schema could already write it"
     assert feature.schema_version >= features.FIRST_FEATURE_SCHEMA
     assert features.BY_NAME[feature.name] is feature
+
+
+@pytest.mark.parametrize("kind", sorted(FUTURE))
+def test_the_replicator_stops_just_before_a_future_record(
+    kind: str,
+    journal_url: str,
+    journal_volume: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """It queues no block of a record past one it cannot read, as the fold folds none."""
+    urls = {n: (tmp_path / f"store-{n}").as_uri() for n in "ab"}
+    stores = {n: open_store(u) for n, u in urls.items()}
+    a = Replica(open_log(journal_url, journal_volume), State.open(tmp_path / "a"), "a").start()
+    b_log = open_log(journal_url, journal_volume)
+    b_state = State.open(tmp_path / "b")
+    replicator: Replicator | None = None
+
+    def upload(ino: int) -> CommitSlice:
+        sid = new_slice_id()
+        stores["a"].put_block(block_key(sid, 0), b"x" * 100)
+        return CommitSlice(ino, 0, SliceRef(sid, 0, 100, 64 << 10, "a"))
+
+    try:
+        regions = tuple(Region(n, u) for n, u in urls.items())
+        create = CreateVolume(journal_volume, regions, "a", block_size=64 << 10)
+        assert a.submit(create).ok
+        assert a.submit(features.enable_all()).ok
+        first, later = (a.submit(Mknod(ROOT_INODE, n, 0o100644, 0, 0)).inode for n in (b"f", b"g"))
+        assert a.submit(upload(first)).ok
+        future = a.log.append(FUTURE[kind]())
+        after = Envelope(upload(later), "a", time.time_ns())
+        a.log.append(codec.encode(after, codec.CURRENT_VERSION))
+        with pytest.raises(codec.CodecError):
+            fold_range(b_log, b_state)
+        assert b_state.applied_offset() == future - 1
+
+        replicator = Replicator(b_log, "b", stores, tmp_path / "progress-b", state=b_state)
+        replicator.start()
+        deadline = time.monotonic() + 20
+        while replicator.stats().error is None and replicator.stats().log_position < future:
+            assert time.monotonic() < deadline, replicator.stats()
+            time.sleep(0.05)
+        s = replicator.stats()
+        assert s.log_position == future - 1
+        assert s.error is not None and f"record at offset {future}" in s.error
+        assert SAYS[kind] in s.error
+        lines = [r.message for r in caplog.records if "stopped reading the log" in r.message]
+        assert len(lines) == 1 and "\n" not in lines[0], lines
+    finally:
+        if replicator is not None:
+            replicator.close()
+        a.stop()
+        for closing in (a.state, a.log, b_state, b_log, *stores.values()):
+            closing.close()

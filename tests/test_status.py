@@ -239,3 +239,76 @@ def test_every_mount_of_a_region_is_a_row(tmp_path: Path) -> None:
         cli("gc", "vol", "--journal", journal, "--json", "--state-dir", f"a={tmp_path / 'a'}")
     )
     assert gc["blocked"] is None and gc["applied"] == {"a": last, "b": last}
+
+
+def test_gc_waits_for_the_lowest_live_mount_of_a_region(tmp_path: Path) -> None:
+    """Of a region's mounts gc counts the one furthest behind, not the one that reported last.
+
+    A mount that stops cleanly says so and no longer counts; one killed long ago
+    (its newest report older than `LIVE_S`) is named and not waited for.
+    """
+    from tidefs.fs.volume import format_volume
+    from tidefs.replica.status import LIVE_S, read_live_offsets
+
+    journal = f"sqlite://{tmp_path / 'log.db'}"
+    regions = [Region(n, (tmp_path / f"store-{n}").as_uri()) for n in ("a", "b")]
+    format_volume(journal, "vol", regions, "a")
+    with open_log(journal, "vol") as lg:
+        head = lg.head()
+    assert head >= 2
+
+    def publisher(region: str, mount_id: str, applied: int) -> StatusPublisher:
+        return StatusPublisher(
+            journal, "vol", region, lambda: {"applied_offset": applied},
+            interval=3600, host="h", mount_id=mount_id,
+        )  # fmt: skip
+
+    def gc() -> dict[str, Any]:
+        out = subprocess.run(
+            [sys.executable, "-m", "tidefs.fs.cli", "gc", "vol", "--journal", journal, "--json"],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    a = publisher("a", "a1", head - 1)
+    lagging, current = publisher("b", "b1", 0), publisher("b", "b2", head - 1)
+    try:
+        a.publish()
+        lagging.publish()
+        current.publish()  # the newest report of region b, but not its lowest
+        result = gc()
+        assert result["applied"] == {"a": head - 1, "b": 0}
+        assert "mount b1 on host h" in result["held_by"]["b"]
+        assert read_live_offsets(journal, "vol")["b"].applied_offset == 0
+
+        lagging.stop(final=True)  # unmounted: says so, and stops counting at once
+        result = gc()
+        assert result["applied"]["b"] == head - 1
+        assert "mount b2 on host h" in result["held_by"]["b"]
+        assert result["presumed_dead"] == []
+
+        # A mount killed long ago: its last report is old, nothing says it stopped.
+        with open_log(journal, status_volume("vol")) as slog:
+            old = time.time_ns() - int((LIVE_S + 60) * 1e9)
+            killed = {"region": "b", "host": "h", "mount_id": "b3", "applied_offset": 0}
+            slog.append(json.dumps({**killed, "published_ns": old}).encode())
+        result = gc()
+        assert result["applied"]["b"] == head - 1
+        assert len(result["presumed_dead"]) == 1
+        assert "mount b3 on host h" in result["presumed_dead"][0]
+        assert "presumed killed" in result["presumed_dead"][0]
+        text = subprocess.run(
+            [sys.executable, "-m", "tidefs.fs.cli", "gc", "vol", "--journal", journal],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+        assert "not counted: region b: mount b3 on host h" in text, text
+
+        # With no live mount left, the region counts at its newest report, stopped or not.
+        current.stop(final=True)
+        offsets = read_live_offsets(journal, "vol")
+        assert offsets["b"].applied_offset == head - 1
+        assert "no live mount" in offsets["b"].why and "stopped" in offsets["b"].why
+    finally:
+        for p in (a, lagging, current):
+            p.stop()
