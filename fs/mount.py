@@ -75,6 +75,17 @@ class MountError(Exception):
     """A mount could not start; the message is the one line the user sees."""
 
 
+CACHE_TIMEOUT_S = 60.0
+"""How long the kernel may keep a name (found or absent) and attributes without asking.
+
+Every change reaches the kernel's caches before that: this mount's own
+through its replies and the kernel's own invalidation after each call it
+makes, everyone else's through the invalidation of what their fold changed
+(fs/coherence.py). The timeout only bounds the damage of a missed
+invalidation; at 1 s, a `stat` or path walk over files nobody changes asked
+the mount again every second."""
+
+
 @dataclass(frozen=True)
 class MountConfig:
     """Everything a mount needs, resolved (default directories filled in)."""
@@ -92,7 +103,7 @@ class MountConfig:
     flush_interval: float = 2.0
     compact_threshold: int = 16
     compact_delay: float = 5.0
-    attr_timeout: float = 1.0
+    attr_timeout: float = CACHE_TIMEOUT_S
     write_through: str | None = None
     store_timeout: float = 5.0
     metrics_host: str = telemetry.DEFAULT_METRICS_HOST
@@ -641,7 +652,7 @@ def run_mount(
     flush_interval: float = 2.0,
     compact_threshold: int = 16,
     compact_delay: float = 5.0,
-    attr_timeout: float = 1.0,
+    attr_timeout: float = CACHE_TIMEOUT_S,
     write_through: str | None = None,
     store_timeout: float = 5.0,
     metrics_host: str = telemetry.DEFAULT_METRICS_HOST,
@@ -1286,7 +1297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flush-interval", type=float, default=2.0)
     p.add_argument("--compact-threshold", type=int, default=16)
     p.add_argument("--compact-delay", type=float, default=5.0)
-    p.add_argument("--attr-timeout", type=float, default=1.0)
+    p.add_argument("--attr-timeout", type=float, default=CACHE_TIMEOUT_S)
     p.add_argument("--write-through", choices=WRITE_THROUGH_CHOICES)
     p.add_argument("--store-timeout", type=float, default=5.0)
     p.add_argument("--umount", action="store_true", help="unmount MOUNTPOINT instead")
