@@ -86,6 +86,15 @@ invalidation; at 1 s, a `stat` or path walk over files nobody changes asked
 the mount again every second."""
 
 
+FUSE_READERS = 16
+"""Request-reading tasks pyfuse3 keeps even when idle.
+
+pyfuse3 starts a task whenever none is left reading, and ends one as soon
+as two are idle; with its default of one, eight threads creating files made
+one and a half task starts and ends per file, each with a fresh request
+buffer."""
+
+
 @dataclass(frozen=True)
 class MountConfig:
     """Everything a mount needs, resolved (default directories filled in)."""
@@ -390,7 +399,7 @@ class Mount:
             # each file when it is opened, so a file opened before would read
             # ahead only 128 KiB for as long as it stays open.
             nursery.start_soon(self._tune_readahead, on_ready)
-            await pyfuse3.main()
+            await pyfuse3.main(min_tasks=FUSE_READERS)
             nursery.cancel_scope.cancel()
 
     async def _tune_readahead(self, on_ready: Callable[[], None]) -> None:
