@@ -86,6 +86,26 @@ class MountError(Exception):
     """A mount could not start; the message is the one line the user sees."""
 
 
+CACHE_TIMEOUT_S = 60.0
+"""How long the kernel may keep a name (found or absent) and attributes without asking.
+
+Every change reaches the kernel's caches before that: this mount's own
+through its replies and the kernel's own invalidation after each call it
+makes, everyone else's through the invalidation of what their fold changed
+(fs/coherence.py). The timeout only bounds the damage of a missed
+invalidation; at 1 s, a `stat` or path walk over files nobody changes asked
+the mount again every second."""
+
+
+FUSE_READERS = 16
+"""Request-reading tasks pyfuse3 keeps even when idle.
+
+pyfuse3 starts a task whenever none is left reading, and ends one as soon
+as two are idle; with its default of one, eight threads creating files made
+one and a half task starts and ends per file, each with a fresh request
+buffer."""
+
+
 @dataclass(frozen=True)
 class MountConfig:
     """Everything a mount needs, resolved (default directories filled in by `resolve_dirs`).
@@ -107,7 +127,7 @@ class MountConfig:
     flush_interval: float = 2.0
     compact_threshold: int = 16
     compact_delay: float = 5.0
-    attr_timeout: float = 1.0
+    attr_timeout: float = CACHE_TIMEOUT_S
     write_through: str | None = None
     store_timeout: float = 5.0
     metrics_host: str = telemetry.DEFAULT_METRICS_HOST
@@ -565,7 +585,7 @@ class Mount:
             # each file when it is opened, so a file opened before would read
             # ahead only 128 KiB for as long as it stays open.
             nursery.start_soon(self._tune_readahead, on_ready)
-            await pyfuse3.main()
+            await pyfuse3.main(min_tasks=FUSE_READERS)
             nursery.cancel_scope.cancel()
 
     async def _tune_readahead(self, on_ready: Callable[[], None]) -> None:
@@ -855,7 +875,7 @@ def run_mount(
     flush_interval: float = 2.0,
     compact_threshold: int = 16,
     compact_delay: float = 5.0,
-    attr_timeout: float = 1.0,
+    attr_timeout: float = CACHE_TIMEOUT_S,
     write_through: str | None = None,
     store_timeout: float = 5.0,
     metrics_host: str = telemetry.DEFAULT_METRICS_HOST,
@@ -1543,7 +1563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--flush-interval", type=float, default=2.0)
     p.add_argument("--compact-threshold", type=int, default=16)
     p.add_argument("--compact-delay", type=float, default=5.0)
-    p.add_argument("--attr-timeout", type=float, default=1.0)
+    p.add_argument("--attr-timeout", type=float, default=CACHE_TIMEOUT_S)
     p.add_argument("--write-through", choices=WRITE_THROUGH_CHOICES)
     p.add_argument("--store-timeout", type=float, default=5.0)
     p.add_argument("--umount", action="store_true", help="unmount MOUNTPOINT instead")

@@ -48,6 +48,7 @@ import trio
 from tidefs import telemetry
 from tidefs.fs.coherence import OwnRequests
 from tidefs.fs.data import DataError, DataPath
+from tidefs.fs.mount import CACHE_TIMEOUT_S
 from tidefs.journal.commands import (
     NAME_MAX,
     Command,
@@ -148,8 +149,8 @@ class TideOps(pyfuse3.Operations):
         replica: Replica,
         own: OwnRequests,
         data: DataPath,
-        attr_timeout: float = 1.0,
-        entry_timeout: float = 1.0,
+        attr_timeout: float = CACHE_TIMEOUT_S,
+        entry_timeout: float = CACHE_TIMEOUT_S,
         max_staleness: float | None = None,
         threads: int = 64,
     ) -> None:
