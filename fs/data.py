@@ -1151,6 +1151,38 @@ class DataPath:
                     out.append((a, e.copy_range(e.start + a - at, e.start + b - at)))
         return out, end
 
+    def read_cached(self, fh: int, off: int, size: int) -> bytes | memoryview | None:
+        """Return `read`'s answer when it needs no I/O and no wait, else None.
+
+        For the event loop: a read that lies within one block already in the
+        memory cache (what readahead fetched) is a view of it, answered with
+        no trip to a worker thread and back (two thread switches per request,
+        a third of a cold sequential read's CPU). Pending writes, a block not
+        in memory, or anything unusual: None, and the caller uses `read`.
+        """
+        of = self._files.get(fh)
+        if of is None or self.pending(of.ino) is not None:
+            return None
+        attr = self.attr(of.ino)
+        if attr is None:
+            return None
+        end = min(off + size, attr.size)
+        if end <= off:
+            return b""
+        cs = self.chunk_size
+        if off // cs != (end - 1) // cs:
+            return None
+        pieces = self._plan_read(of.ino, off, end)
+        if len(pieces) != 1 or pieces[0].n != end - off:
+            return None
+        p = pieces[0]
+        data = self.fetcher.memory.get(block_key(p.ref.slice_id, p.index))
+        if data is None or len(data) < p.within + p.n:
+            return None
+        telemetry.cache_hits.add(1, telemetry.attrs(level="memory"))
+        self._readahead(of, off, end, attr.size)  # queues fetches: never waits
+        return memoryview(data)[p.within : p.within + p.n]
+
     def _plan_read(
         self, ino: int, lo: int, hi: int, slices: dict[int, list[SliceRef]] | None = None
     ) -> list[Piece]:

@@ -548,7 +548,11 @@ class TideOps(pyfuse3.Operations):
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
         await self._fresh()
-        data = await self._run(self.data.read, fh, off, size)
+        # A block in memory is served here, on the loop; anything that may wait
+        # for a store goes to a worker (a blocked store call must not hang the mount).
+        data: bytes | bytearray | memoryview | None = self.data.read_cached(fh, off, size)
+        if data is None:
+            data = await self._run(self.data.read, fh, off, size)
         # pyfuse3 replies from any contiguous buffer; a view of a cached block saves a copy.
         return cast(bytes, data)
 

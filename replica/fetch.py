@@ -71,6 +71,7 @@ from tidefs.replica.store import (
     BlockStat,
     BlockStore,
     CorruptBlockError,
+    FileStore,
     StoreConfigError,
     StoreError,
     StoreUnavailable,
@@ -319,7 +320,7 @@ class BlockFetcher:
             if store is None:
                 continue
             try:
-                payload = self.call(region, store.get_block, key)
+                payload = self._get_block(region, store, key)
             except BlockNotFound:
                 notes.append(f"{region}: absent")
                 continue
@@ -343,6 +344,31 @@ class BlockFetcher:
             log.error("%s: no region holds a verifiable copy (%s)", where, detail)
             raise CorruptBlockError(key, f"no region holds a verifiable copy ({detail})")
         raise BlockNotInAnyRegion(key, detail)
+
+    def _get_block(self, region: str, store: BlockStore, key: str) -> bytes:
+        """`store.get_block(key)` as `call` makes it; a directory store's on this thread.
+
+        A directory store is local I/O, which has no timeout to bound (its
+        store ignores one): the hand-off to the region's pool and back cost
+        two thread switches per block, most of a small file's read. Callers
+        are worker threads, never the event loop. Region health is kept as
+        `call` keeps it.
+        """
+        if not isinstance(store, FileStore):
+            return self.call(region, store.get_block, key)
+        reason = self._down(region)
+        if reason is not None:
+            raise StoreUnavailable(reason)
+        try:
+            payload = store.get_block(key)
+        except StoreUnavailable as exc:
+            self._mark_down(region, f"region {region}'s store is unreachable: {exc}")
+            raise
+        except StoreError:
+            self._mark_up(region)
+            raise
+        self._mark_up(region)
+        return payload
 
     def _fetch_hedged(self, key: str, ref: SliceRef, order: list[str]) -> Fetched:
         """Ask the local store and, at the same time, the other regions (see `get`).

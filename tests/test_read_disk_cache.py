@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,3 +107,39 @@ def test_the_disk_cache_stays_within_its_capacity(tmp_path: Path) -> None:
     assert cache.get("k5") == blocks["k5"]
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert len(files) == 3
+
+
+def test_a_cache_directory_is_made_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Caching a small file's block cost a makedirs (a stat and a mkdir) per
+    # block: a fifth of the work. A directory the cache made is not asked for
+    # again, and one removed behind its back is made anew.
+    cache = DiskBlockCache(str(tmp_path / "cache"), 8 << 20)
+    key = "blocks/00/k"
+    cache.put(key, b"a" * 100)
+    made: list[str] = []
+    real = os.makedirs
+
+    def counting(path: str, *args: object, **kwargs: object) -> None:
+        made.append(path)
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "makedirs", counting)
+    sub = os.path.dirname(os.path.join(cache.directory, DiskBlockCache._name(key)))
+    for i in range(3):  # keys that land in the directory of `key`
+        other = _beside(cache, key, f"k{i}-")
+        cache.put(other, b"b" * 100)
+        assert cache.get(other) == b"b" * 100
+    assert made == []
+    shutil.rmtree(sub)
+    fresh = _beside(cache, key, "z")
+    cache.put(fresh, b"c" * 100)
+    assert cache.get(fresh) == b"c" * 100
+    assert made == [sub]
+
+
+def _beside(cache: DiskBlockCache, key: str, prefix: str) -> str:
+    """A key whose cache file shares the directory of `key`'s."""
+    want = DiskBlockCache._name(key)[:2]
+    return next(
+        k for n in itertools.count() if DiskBlockCache._name(k := f"{prefix}{n}")[:2] == want
+    )
