@@ -850,41 +850,27 @@ def _region_add(args: argparse.Namespace) -> int:
     """
     import errno as errno_names
     import os
-    from pathlib import Path
 
     from tidefs.fs.volume import VolumeError, probe_store
     from tidefs.journal.commands import AddRegion, Region
-    from tidefs.replica.replica import Replica
-    from tidefs.replica.snapshot import rebuild_state
 
     name, url = args.region
     if not name or "/" in name or name != name.strip():
         raise _error(f"invalid region name {name!r}")
-    bars = Bars(args.quiet)
-    with (
-        _volume(args) as (lg, _info, stores),
-        tempfile.TemporaryDirectory(prefix="tidefs-region-", dir=args.work_dir) as work,
-    ):
-        state = rebuild_state(
-            lg, Path(work) / "state", stores=stores, volume=args.volume, progress=bars
-        )
+
+    def check(_state: State, vol: VolumeInfo, _stores: dict[str, BlockStore]) -> Command:
+        existing = vol.region(name)
+        if existing is not None:
+            raise _error(
+                f"volume {args.volume} already has a region {name!r} (store {existing.store_url})"
+            )
         try:
-            vol = state.volume()
-            assert vol is not None  # rebuild_state checked the volume's name
-            existing = vol.region(name)
-            if existing is not None:
-                raise _error(
-                    f"volume {args.volume} already has a region {name!r} "
-                    f"(store {existing.store_url})"
-                )
-            try:
-                probe_store(url)
-            except VolumeError as exc:
-                raise _error(str(exc)) from exc
-            outcome = Replica(lg, state, vol.primary).submit(AddRegion(Region(name, url)))
-        finally:
-            state.close()
-    bars.finish()
+            probe_store(url)
+        except VolumeError as exc:
+            raise _error(str(exc)) from exc
+        return AddRegion(Region(name, url))
+
+    outcome, _vol = _append_volume_command(args, check)
     if outcome.errno == errno_names.EEXIST:
         raise _error(f"volume {args.volume} already has a region {name!r}")
     if not outcome.ok:
