@@ -682,10 +682,19 @@ def _append_volume_command(
     return outcome, vol
 
 
-def _region_remove(args: argparse.Namespace) -> int:
-    """Append RemoveRegion once no live block has its only copy in that region's store."""
+def _refused(what: str, code: int) -> Exception:
+    """The error for a command the fold refused with errno `code`, named by its symbol too."""
     import errno as errno_names
     import os
+
+    return _error(
+        f"{what} was refused by the volume: {os.strerror(code)} "
+        f"({errno_names.errorcode.get(code, code)})"
+    )
+
+
+def _region_remove(args: argparse.Namespace) -> int:
+    """Append RemoveRegion once no live block has its only copy in that region's store."""
 
     from tidefs.journal import features
     from tidefs.journal.commands import RemoveRegion
@@ -745,10 +754,7 @@ def _region_remove(args: argparse.Namespace) -> int:
 
     outcome, _vol = _append_volume_command(args, check)
     if not outcome.ok:
-        raise _error(
-            f"removing region {name!r} was refused by the volume: {os.strerror(outcome.errno)} "
-            f"({errno_names.errorcode.get(outcome.errno, outcome.errno)})"
-        )
+        raise _refused(f"removing region {name!r}", outcome.errno)
     _emit(
         args,
         {"volume": args.volume, "removed": name, "offset": outcome.offset},
@@ -763,8 +769,6 @@ def _region_remove(args: argparse.Namespace) -> int:
 @_ops_errors
 def cmd_upgrade(args: argparse.Namespace) -> int:
     """Enable everything this tidefs knows once every region that published status knows it too."""
-    import errno as errno_names
-    import os
 
     from tidefs.journal import features
     from tidefs.replica.status import LIVE_S, counted_mounts, read_mounts
@@ -810,10 +814,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         )
         return 0
     if not outcome.ok:
-        raise _error(
-            f"the upgrade was refused by the volume: {os.strerror(outcome.errno)} "
-            f"({errno_names.errorcode.get(outcome.errno, outcome.errno)})"
-        )
+        raise _refused("the upgrade", outcome.errno)
     now = features.Enabled(
         target.schema_version, frozenset(target.features) | frozenset(before["features"])
     )
@@ -849,7 +850,6 @@ def _region_add(args: argparse.Namespace) -> int:
     concurrent `region add`) comes back EEXIST and nothing changes.
     """
     import errno as errno_names
-    import os
 
     from tidefs.fs.volume import VolumeError, probe_store
     from tidefs.journal.commands import AddRegion, Region
@@ -874,10 +874,7 @@ def _region_add(args: argparse.Namespace) -> int:
     if outcome.errno == errno_names.EEXIST:
         raise _error(f"volume {args.volume} already has a region {name!r}")
     if not outcome.ok:
-        raise _error(
-            f"region {name!r} was refused by the volume: {os.strerror(outcome.errno)} "
-            f"({errno_names.errorcode.get(outcome.errno, outcome.errno)})"
-        )
+        raise _refused(f"region {name!r}", outcome.errno)
     _emit(
         args,
         {"volume": args.volume, "region": name, "store_url": url, "offset": outcome.offset},
