@@ -82,6 +82,7 @@ from tidefs.journal.log import (
     Log,
     LogMissing,
     Record,
+    boolean,
     positive_float,
     redact_url,
     url_options,
@@ -354,7 +355,7 @@ class KafkaLog(Log):
             "replication_factor": _int,
             "min_insync_replicas": _int,
             "max_record_bytes": _int,
-            "create": _bool,
+            "create": boolean,
             "max_readers": _int,
             "tail_interval_ms": _non_negative_float,
             "tail_connections": _int,
@@ -1040,14 +1041,3 @@ def _int(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError("must be an integer")
     return int(value)  # type: ignore[call-overload]
-
-
-def _bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
