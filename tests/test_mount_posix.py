@@ -15,7 +15,6 @@ import errno
 import fcntl
 import itertools
 import os
-import pickle
 import stat
 import subprocess
 import sys
@@ -27,17 +26,18 @@ from typing import Any
 import pytest
 
 from tests.harness.mount import (
+    NOBODY,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     TidefsMount,
     outcome,
     renameat2,
+    run_as,
     snapshot,
 )
 
 pytestmark = pytest.mark.fuse
 
-NOBODY = 65534
 _case = itertools.count()
 
 
@@ -305,26 +305,7 @@ def test_same_as_local(
 
 def as_user(base: Path, fn: Callable[[Path], Any], uid: int = NOBODY, gid: int = NOBODY) -> Any:
     """Run `fn(Path("."))` inside `base` as uid/gid in a child process; return its outcome."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.chdir(base)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            result = outcome(lambda: fn(Path(".")))
-            os.write(w, pickle.dumps(result))
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return pickle.loads(data)
+    return run_as(lambda: outcome(lambda: fn(Path("."))), uid, gid, cwd=base)
 
 
 def prepare_shared(b: Path) -> None:

@@ -22,56 +22,22 @@ from typing import Any
 
 import pytest
 
-from tests.harness.mount import MountFactory, TidefsMount, fuse_available
+from tests.harness.mount import MountFactory, TidefsMount, run_as
 from tests.harness.s3 import free_port
 
 pytestmark = pytest.mark.fuse
 
-NOBODY = 65534
-
 
 def as_nobody(fn: Callable[[], Any]) -> Any:
     """Run `fn()` as nobody in a child process: its value, or the errno it failed with."""
-    import pickle
 
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
+    def attempt() -> Any:
         try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            try:
-                result: Any = ("ok", fn())
-            except OSError as exc:
-                result = ("err", exc.errno)
-            os.write(w, pickle.dumps(result))
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return pickle.loads(data)
+            return ("ok", fn())
+        except OSError as exc:
+            return ("err", exc.errno)
 
-
-@pytest.fixture
-def public_factory() -> Iterator[MountFactory]:
-    """Mounts under a directory every user may traverse (a test's tmp_path is root's alone)."""
-    from tests.harness.mount import _factory
-
-    if not fuse_available():
-        pytest.skip("no /dev/fuse or fusermount3")
-    base = Path(tempfile.mkdtemp(prefix="tidefs-sec-"))
-    try:
-        base.chmod(0o755)
-        with _factory(base) as make:
-            yield make
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    return run_as(attempt)
 
 
 def mount_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -143,13 +109,13 @@ def test_metrics_addr_and_port_exclude_each_other(tmp_path: Path) -> None:
 # -- 9: --private ---------------------------------------------------------------
 
 
-def test_private_mount_refuses_other_users(public_factory: MountFactory) -> None:
-    shared = public_factory()
+def test_private_mount_refuses_other_users(public_mount_factory: MountFactory) -> None:
+    shared = public_mount_factory()
     (shared.path / "f").write_bytes(b"shared")
     os.chmod(shared.path, 0o755)
     # Root's mount serves every user by default (permission bits decide)...
     assert as_nobody(lambda: os.listdir(shared.path)) == ("ok", ["f"])
-    private = public_factory(extra=["--private"])
+    private = public_mount_factory(extra=["--private"])
     (private.path / "f").write_bytes(b"mine")
     os.chmod(private.path, 0o755)
     # ...a private one refuses them before any permission bit is looked at.
@@ -353,10 +319,10 @@ def readable_by_nobody(paths: list[Path], needle: bytes) -> list[str]:
     return list(outcome[1])
 
 
-def test_local_files_are_owner_only_whatever_the_umask(public_factory: MountFactory) -> None:
+def test_local_files_are_owner_only_whatever_the_umask(public_mount_factory: MountFactory) -> None:
     old = os.umask(0)  # the mount inherits it: modes must not depend on it
     try:
-        m = public_factory()
+        m = public_mount_factory()
         fd = os.open(m.path / "secret-name", os.O_CREAT | os.O_WRONLY, 0o600)
         os.write(fd, b"SECRET-0123456789" * 100)
         os.close(fd)  # durable at close: in the store and the log
@@ -427,10 +393,10 @@ def test_mount_warns_about_files_other_users_can_read_and_strict_refuses(
     assert not os.path.ismount(m.path)
 
 
-def test_another_user_cannot_umount_roots_mount(public_factory: MountFactory) -> None:
+def test_another_user_cannot_umount_roots_mount(public_mount_factory: MountFactory) -> None:
     from tidefs.fs.mount import umount
 
-    m = public_factory()
+    m = public_mount_factory()
     os.chmod(m.path, 0o755)
     assert as_nobody(lambda: umount(str(m.path), timeout=10)) == ("ok", 1)
     assert m.running and os.path.ismount(m.path)

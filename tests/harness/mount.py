@@ -22,8 +22,9 @@ Fixtures:
   subdirectories of it.
 - `store_mount` (function): a fresh mounted volume on each store backend
   (`store_url`: a directory, then S3).
-- `public_store_mount` (function): the same under a short path that other
-  users can reach (for tests that switch users or bind unix sockets).
+- `public_mount_factory` (function): `mount_factory` under a short path that
+  other users can reach (for tests that switch users or bind unix sockets).
+- `public_store_mount` (function): `store_mount` under such a path.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import pickle
 import select
 import shutil
 import signal
@@ -274,8 +276,8 @@ def store_mount(mount_factory: MountFactory, store_url: str) -> TidefsMount:
 
 
 @pytest.fixture
-def public_store_mount(store_url: str) -> Iterator[TidefsMount]:
-    """Like `store_mount`, under a short path that every user can traverse.
+def public_mount_factory() -> Iterator[MountFactory]:
+    """Like `mount_factory`, under a short path that every user can traverse.
 
     A test's own directory is private to its user and deep: other users could
     not reach a mount inside it, and unix socket paths (108 bytes at most)
@@ -287,9 +289,15 @@ def public_store_mount(store_url: str) -> Iterator[TidefsMount]:
     try:
         base.chmod(0o755)
         with _factory(base) as make:
-            yield make(store_url)
+            yield make
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def public_store_mount(store_url: str, public_mount_factory: MountFactory) -> TidefsMount:
+    """Like `store_mount`, under a short path that every user can traverse."""
+    return public_mount_factory(store_url)
 
 
 # -- the oracle: the same call on tidefs and on a local directory ---------------
@@ -335,6 +343,39 @@ def outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
     except OSError as exc:
         assert exc.errno is not None
         return ("err", errno.errorcode.get(exc.errno, str(exc.errno)))
+
+
+NOBODY = 65534
+
+
+def run_as(
+    fn: Callable[[], Any], uid: int = NOBODY, gid: int = NOBODY, cwd: Path | None = None
+) -> Any:
+    """Run `fn()` in a child process as uid/gid (in `cwd`) and return its value, pickled back.
+
+    Another user's view needs a process of its own: root cannot drop its
+    identity and take it back.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            if cwd is not None:
+                os.chdir(cwd)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            os.write(w, pickle.dumps(fn()))
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return pickle.loads(data)
 
 
 def snapshot(base: Path) -> dict[str, Any]:
