@@ -13,39 +13,17 @@ entries ("no such name") included.
 from __future__ import annotations
 
 import os
-import socket
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness.mount import MountFactory
-from tidefs import telemetry
+from tests.harness.mount import MountFactory, fuse_requests
+from tests.harness.s3 import free_port
 from tidefs.fs.mount import sync_mount
 
 pytestmark = pytest.mark.fuse
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _requests(port: int, ops: tuple[str, ...]) -> float:
-    """FUSE requests of the kinds `ops` the mount has answered since it started."""
-    name = telemetry.FUSE_DURATION.prometheus + "_count"
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and s.labels.get("op") in ops
-    )
 
 
 def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -57,7 +35,7 @@ def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 
 
 def test_names_and_attributes_stay_cached_past_a_second(mount_factory: MountFactory) -> None:
-    port = _free_port()
+    port = free_port()
     m = mount_factory(extra=["--metrics-port", str(port)])
     (m.path / "data").mkdir()
     for i in range(20):
@@ -69,11 +47,11 @@ def test_names_and_attributes_stay_cached_past_a_second(mount_factory: MountFact
         assert not os.path.exists(m.path / "data" / "absent")  # a negative entry
 
     walk()
-    before = _requests(port, ("lookup", "getattr"))
+    before = fuse_requests(port, ("lookup", "getattr"))
     time.sleep(1.5)  # past the 1 s the kernel used to keep them
     walk()
     walk()
-    assert _requests(port, ("lookup", "getattr")) == before, "a stat of unchanged files asked"
+    assert fuse_requests(port, ("lookup", "getattr")) == before, "a stat of unchanged files asked"
 
 
 def test_own_changes_show_at_once_through_long_caches(mount_factory: MountFactory) -> None:

@@ -12,36 +12,13 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import subprocess
-import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.harness.mount import MountFactory
-from tidefs import telemetry
+from tests.harness.mount import MountFactory, fuse_requests
+from tests.harness.s3 import free_port
 
 MIB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _fuse_reads(port: int) -> float:
-    """FUSE read requests the mount has answered since it started."""
-    name = telemetry.FUSE_DURATION.prometheus + "_count"
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and s.labels.get("op") == "read"
-    )
 
 
 def _read_all(path: Path) -> bytes:
@@ -52,7 +29,7 @@ def _read_all(path: Path) -> bytes:
 def test_a_second_read_of_an_unchanged_file_stays_in_the_page_cache(
     mount_factory: MountFactory, store_url: str
 ) -> None:
-    port = _free_port()
+    port = free_port()
     m = mount_factory(store_url, extra=["--metrics-port", str(port)])
     data = random.Random(7).randbytes(3 * MIB + 12345)  # several blocks and chunks
     path = m.path / "weights.bin"
@@ -60,7 +37,7 @@ def test_a_second_read_of_an_unchanged_file_stays_in_the_page_cache(
     m.remount()  # a fresh kernel mount: nothing of the file is cached
 
     assert _read_all(path) == data
-    after_cold = _fuse_reads(port)
+    after_cold = fuse_requests(port, ("read",))
     assert after_cold > 0, "the first read must come from the mount"
 
     # Read again: in this process, in another process, and with a fresh open.
@@ -74,7 +51,7 @@ def test_a_second_read_of_an_unchanged_file_stays_in_the_page_cache(
         assert os.pread(fd, 4096, 2 * MIB) == data[2 * MIB : 2 * MIB + 4096]
     finally:
         os.close(fd)
-    assert _fuse_reads(port) == after_cold, "a warm read reached the mount"
+    assert fuse_requests(port, ("read",)) == after_cold, "a warm read reached the mount"
 
 
 def test_a_file_written_here_is_reread_from_the_page_cache_after_its_commit(
@@ -83,7 +60,7 @@ def test_a_file_written_here_is_reread_from_the_page_cache_after_its_commit(
     # The fold applies this mount's own CommitSlice: that invalidates the
     # file's attributes (mtime moves to the commit), but it must not cost
     # the pages of a file that has not changed since it was read.
-    port = _free_port()
+    port = free_port()
     m = mount_factory(store_url, extra=["--metrics-port", str(port)])
     data = random.Random(8).randbytes(2 * MIB)
     path = m.path / "shard.bin"
@@ -92,7 +69,9 @@ def test_a_file_written_here_is_reread_from_the_page_cache_after_its_commit(
         f.flush()
         os.fsync(f.fileno())
     assert _read_all(path) == data  # may come from the mount once (the commit's new mtime)
-    settled = _fuse_reads(port)
+    settled = fuse_requests(port, ("read",))
     assert _read_all(path) == data
     assert _read_all(path) == data
-    assert _fuse_reads(port) == settled, "re-reading an unchanged file reached the mount"
+    assert fuse_requests(port, ("read",)) == settled, (
+        "re-reading an unchanged file reached the mount"
+    )

@@ -42,14 +42,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness.s3 import use_fake_aws_env
+from tidefs import telemetry
 from tidefs.fs.mount import umount
 from tidefs.fs.volume import format_volume
 from tidefs.journal.commands import Region
@@ -174,6 +177,23 @@ class TidefsMount:
 
 
 MountFactory = Callable[..., TidefsMount]
+
+
+def fuse_requests(port: int, ops: tuple[str, ...]) -> float:
+    """FUSE requests of the kinds `ops` that the mount with metrics on `port` has answered.
+
+    The mount's own count (its Prometheus endpoint) proves which calls the
+    kernel answered from its caches without asking the mount.
+    """
+    name = telemetry.FUSE_DURATION.prometheus + "_count"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and s.labels.get("op") in ops
+    )
 
 
 @contextlib.contextmanager
