@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.harness.cli import tidefs_cli as run
 from tests.harness.kafka import KafkaBroker, _locate_or_skip
 from tests.harness.mount import fuse_available
 from tidefs.journal.kafka import KafkaLog, client_settings, read_properties
@@ -32,21 +31,9 @@ from tidefs.journal.log import (
     redact_url,
 )
 
-TIDEFS = [sys.executable, "-m", "tidefs.fs.cli"]
 SECRET = "hunter2-s3cr3t"
 USER = "tidefs"
 SASL = "security.protocol=SASL_PLAINTEXT&sasl.mechanism=PLAIN"
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*TIDEFS, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def private_file(path: Path, text: str, mode: int = 0o600) -> Path:

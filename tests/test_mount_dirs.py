@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -19,6 +17,7 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from tests.harness.cli import tidefs_cli as run
 from tests.harness.kafka import KafkaBroker
 from tests.harness.mount import fuse_available
 from tidefs.fs import volume
@@ -30,20 +29,6 @@ from tidefs.replica.replica import fold_range
 from tidefs.replica.state import State
 
 pytestmark = pytest.mark.fuse
-
-TIDEFS = [sys.executable, "-m", "tidefs.fs.cli"]
-
-
-def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*TIDEFS, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture
