@@ -192,12 +192,10 @@ class TideOps(pyfuse3.Operations):
         return _accepted(outcome)
 
     def _attr(self, ino: int) -> Attr:
-        attr = self.state.getattr(ino)
+        # Removed in another region while open here: its handles still stat it.
+        attr = self.data.attr(ino)
         if attr is None:
-            # Removed in another region while open here: its handles still stat it.
-            attr = self.data.kept(ino)
-            if attr is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+            raise pyfuse3.FUSEError(errno.ENOENT)
         return attr
 
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
