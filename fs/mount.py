@@ -278,18 +278,6 @@ def _empty_out(path: str) -> None:
                     os.unlink(entry.path)
 
 
-def _first_missing(path: str) -> str | None:
-    """The outermost directory that creating `path` makes, None if `path` exists."""
-    top = None
-    while not os.path.lexists(path):
-        top = path
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return top
-
-
 def canonical_mountpoint(path: str) -> str:
     """Resolve `path` without touching the mount point itself.
 
@@ -812,7 +800,7 @@ def _serve(
         return 1
     # What this mount creates, a failed start removes again (never what existed).
     made = (cfg.state_dir, cfg.state_dir + ".replicator", cfg.cache_dir)
-    created = [d for d in map(_first_missing, made) if d is not None]
+    created = [top for d in made for top in private.missing_dirs(d)[-1:]]
     emptied = [d for d in made if os.path.isdir(d) and not os.listdir(d)]
     m = Mount(cfg)
     failed = False

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from urllib.parse import unquote, urlsplit
 
+from tidefs import private
 from tidefs.journal import codec, features
 from tidefs.journal.commands import CreateVolume, Envelope, Region
 from tidefs.journal.log import Log, open_log, redact_url
@@ -98,15 +99,7 @@ def _missing_dirs(url: str) -> list[str]:
     parts = urlsplit(url)
     if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
         return []
-    path = os.path.abspath(unquote(parts.path))
-    missing: list[str] = []
-    while not os.path.lexists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing
+    return private.missing_dirs(unquote(parts.path))
 
 
 @contextlib.contextmanager

@@ -43,6 +43,22 @@ def makedirs(path: str | os.PathLike[str]) -> None:
         os.chmod(d, DIR_MODE)
 
 
+def missing_dirs(path: str | os.PathLike[str]) -> list[str]:
+    """The directories that creating directory `path` would make, deepest first (absolute).
+
+    What a failed start or format may remove again: never one that existed.
+    """
+    p = os.path.abspath(os.fspath(path))
+    missing: list[str] = []
+    while not os.path.lexists(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    return missing
+
+
 def create_file(path: str | os.PathLike[str], flags: int = os.O_WRONLY) -> int:
     """Open `path`, creating it owner-only (0600) if missing; return the descriptor."""
     return os.open(path, flags | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
